@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 #[derive(Debug, Error)]
 pub enum MachineError {
     /// Memory set-up failed.
-    #[error("guest {guest}: {source}")]
+    #[error("guest {guest}")]
     Memory {
         /// Guest index.
         guest: usize,
@@ -30,7 +30,7 @@ pub enum MachineError {
         source: MemoryError,
     },
     /// A KVM VM operation failed.
-    #[error("guest {guest}: {source}")]
+    #[error("guest {guest}")]
     Vm {
         /// Guest index.
         guest: usize,
@@ -38,7 +38,7 @@ pub enum MachineError {
         source: VmError,
     },
     /// A vCPU could not be created or configured.
-    #[error("guest {guest} vCPU {vcpu}: {what} failed: {source}")]
+    #[error("guest {guest} vCPU {vcpu}: {what} failed")]
     Vcpu {
         /// Guest index.
         guest: usize,
@@ -50,7 +50,7 @@ pub enum MachineError {
         source: kvm_ioctls::Error,
     },
     /// Writing boot data into guest memory failed.
-    #[error("guest {guest}: loading {what} into guest memory failed: {source}")]
+    #[error("guest {guest}: loading {what} into guest memory failed")]
     Load {
         /// Guest index.
         guest: usize,
@@ -63,7 +63,7 @@ pub enum MachineError {
     #[error("assembling the guest program failed: {0}")]
     Assemble(String),
     /// The vCPU thread could not be started.
-    #[error("guest {guest}: starting a vCPU thread failed: {source}")]
+    #[error("guest {guest}: starting a vCPU thread failed")]
     Thread {
         /// Guest index.
         guest: usize,

@@ -118,7 +118,7 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
     if args.vcpus == 0 {
         bail!("--vcpus 0: expected at least one vCPU per guest");
     }
-    validate_size(args.mem).with_context(|| format!("--mem {}", args.mem))?;
+    validate_size(args.mem).with_context(|| format!("--mem {}", format_bytes(args.mem)))?;
     let pin = match &args.pin {
         Some(list) => Some(parse_cpu_list(list, online_cpus()).context("--pin")?),
         None => None,

@@ -8,7 +8,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ImageError {
     /// The image file could not be read.
-    #[error("cannot read image file {path}: {source} (expected a readable regular file)")]
+    #[error("cannot read image file {path} (expected a readable regular file)")]
     Unreadable {
         /// The path the user gave.
         path: PathBuf,

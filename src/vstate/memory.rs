@@ -71,7 +71,7 @@ pub enum MemoryError {
     #[error("memfd_create for guest memory failed: {0}")]
     Memfd(std::io::Error),
     /// ftruncate of the memfd failed.
-    #[error("sizing the guest memfd to {size} bytes failed: {source}")]
+    #[error("sizing the guest memfd to {size} bytes failed")]
     Truncate {
         /// Size requested.
         size: u64,
@@ -79,7 +79,7 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     /// mmap failed.
-    #[error("mmap of {size} of guest memory failed: {source}")]
+    #[error("mmap of {size} of guest memory failed")]
     Mmap {
         /// Size requested, formatted.
         size: String,
@@ -87,7 +87,7 @@ pub enum MemoryError {
         source: vm_memory::mmap::MmapRegionError,
     },
     /// madvise failed.
-    #[error("madvise({advice}) on guest memory failed: {source}")]
+    #[error("madvise({advice}) on guest memory failed")]
     Madvise {
         /// The advice.
         advice: &'static str,

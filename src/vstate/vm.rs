@@ -10,7 +10,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum VmError {
     /// /dev/kvm could not be opened.
-    #[error("cannot open {path}: {source}. memvirt needs KVM: check that the device exists and is accessible (`ls -l {path}`; load the module with `modprobe kvm_intel` or `kvm_amd`; run as root or add your user to group kvm)")]
+    #[error("cannot open {path}; memvirt needs KVM: check that the device exists and is accessible (`ls -l {path}`; load the module with `modprobe kvm_intel` or `kvm_amd`; run as root or add your user to group kvm)")]
     OpenKvm {
         /// Device path.
         path: String,
@@ -21,9 +21,7 @@ pub enum VmError {
     #[error("KVM_CREATE_VM failed: {0}")]
     CreateVm(kvm_ioctls::Error),
     /// KVM_SET_USER_MEMORY_REGION failed.
-    #[error(
-        "registering memslot {slot} ({size:#x} bytes at guest-physical {gpa:#x}) failed: {source}"
-    )]
+    #[error("registering memslot {slot} ({size:#x} bytes at guest-physical {gpa:#x}) failed")]
     Memslot {
         /// Slot number.
         slot: u32,
@@ -38,7 +36,7 @@ pub enum VmError {
     #[error("memslot {0} does not exist")]
     NoSuchSlot(u32),
     /// KVM_GET_DIRTY_LOG failed.
-    #[error("KVM_GET_DIRTY_LOG on memslot {slot} failed: {source} (is dirty logging on for it?)")]
+    #[error("KVM_GET_DIRTY_LOG on memslot {slot} failed (is dirty logging on for it?)")]
     DirtyLog {
         /// Slot number.
         slot: u32,
