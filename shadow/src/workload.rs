@@ -1,0 +1,1 @@
+//! Workloads (placeholder while the MMU is built).
