@@ -138,6 +138,7 @@ pub trait TableAllocator {
 /// Allocates table pages from `[start, end)` in order, reusing freed pages first (LIFO).
 #[derive(Debug, Clone)]
 pub struct BumpAllocator {
+    start: u64,
     next: u64,
     end: u64,
     free: Vec<u64>,
@@ -146,11 +147,17 @@ pub struct BumpAllocator {
 impl BumpAllocator {
     /// An allocator over `[start, end)` (rounded inward to 4 KiB).
     pub fn new(start: u64, end: u64) -> Self {
+        let start = (start + 0xfff) & !0xfff;
         BumpAllocator {
-            next: (start + 0xfff) & !0xfff,
+            start,
+            next: start,
             end: end & !0xfff,
             free: Vec::new(),
         }
+    }
+    /// The range handed out so far, `[start, high-water mark)` (freed pages included).
+    pub fn used(&self) -> std::ops::Range<u64> {
+        self.start..self.next
     }
     /// Pages still available.
     pub fn remaining(&self) -> u64 {

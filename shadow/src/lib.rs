@@ -43,6 +43,8 @@
 //!   letting the guest write freely until the next INVLPG (resync of that entry) or CR3
 //!   write (resync of every unsync page). It counts hits, misses, fills, zaps, resyncs,
 //!   tracked pages and the VM exits real shadow paging would have taken.
+//! * [`testbed`] — a buffer-backed [`testbed::Machine`]: guest RAM in a sparse host memory,
+//!   table allocators for guest and host tables, and constructors for both MMUs.
 //! * [`workload`] — deterministic address traces over real guest page tables (sequential,
 //!   random over a working set, page-table churn, address-space switches) and a runner that
 //!   drives both paths with them; `memvirt translate` prints what it measures.
@@ -58,6 +60,7 @@ pub mod mem;
 pub mod nested;
 pub mod paging;
 pub mod shadow_mmu;
+pub mod testbed;
 pub mod walker;
 pub mod workload;
 

@@ -327,6 +327,10 @@ impl ShadowMmu {
             }
             self.tlb.invalidate_page(gva);
         }
+        if self.root.is_none() {
+            // KVM loads the root (kvm_mmu_load) before entering the guest.
+            self.ensure_root(mem);
+        }
         let mut refs = 0u32;
         if let HwWalk::Hit {
             hpa,
