@@ -7,7 +7,9 @@ use crate::guest::layout::*;
 use crate::guest::paging::write_page_tables;
 use crate::guest::profile::Profile;
 use crate::guest::program::{Mode, Results};
-use crate::vstate::memory::{create_guest_memory, regions, Backing, MemoryError, RegionInfo, Thp};
+use crate::vstate::memory::{
+    create_guest_memory, load_bytes, regions, Backing, MemoryError, RegionInfo, Thp,
+};
 use crate::vstate::vcpu::{VcpuHandle, VcpuSpec, VcpuState};
 use crate::vstate::vm::{Vm, VmError};
 use kvm_bindings::{kvm_regs, kvm_segment};
@@ -238,10 +240,8 @@ impl Guest {
             "program",
             mem.write_slice(program_bytes()?, GuestAddress(CODE_GPA)),
         )?;
-        load(
-            "image",
-            mem.write_slice(image.bytes(), GuestAddress(IMAGE_GPA)),
-        )?;
+        load_bytes(&mem, IMAGE_GPA, image.bytes())
+            .map_err(|source| MachineError::Memory { guest: id, source })?;
         let mut params = profile.params(id, config.mode);
         params.loop_count = config.loop_count;
         params.error_code = config.error_code;

@@ -31,15 +31,26 @@ impl Table {
             }
         }
         let numeric = |s: &str| {
-            s.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_digit() || c == '-')
+            s == "-"
+                || s.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit() || c == '-')
         };
+        // A column whose every cell is a number is right-aligned, header included.
+        let right: Vec<bool> = (0..cols)
+            .map(|i| {
+                !self.rows.is_empty()
+                    && self
+                        .rows
+                        .iter()
+                        .all(|r| r.get(i).is_some_and(|c| numeric(c)))
+            })
+            .collect();
         let line = |r: &Vec<String>| {
             let cells: Vec<String> = (0..cols)
                 .map(|i| {
                     let c = r.get(i).map(String::as_str).unwrap_or("");
-                    if numeric(c) {
+                    if right[i] {
                         format!("{c:>w$}", w = width[i])
                     } else {
                         format!("{c:<w$}", w = width[i])
@@ -75,10 +86,12 @@ mod tests {
         let mut t = Table::new(["guest", "ms"]);
         t.row(["a", "5"]);
         t.row(["bbb", "12.5"]);
+        t.row(["c", "-"]);
         let s = t.render();
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines[0], "guest    ms");
         assert_eq!(lines[2], "a         5");
         assert_eq!(lines[3], "bbb    12.5");
+        assert_eq!(lines[4], "c         -");
     }
 }
