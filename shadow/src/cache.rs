@@ -269,6 +269,8 @@ pub struct TlbEntry {
     pub gpa_page: u64,
     /// Size the entry covers (the smaller of the guest and host page sizes).
     pub size: PageSize,
+    /// Size of the guest page it is part of: INVLPG anywhere in that page drops it.
+    pub guest_size: PageSize,
     /// Effective permissions.
     pub perms: Permissions,
     /// Survives CR3 writes when CR4.PGE is set.
@@ -346,7 +348,8 @@ impl Tlb {
         }
     }
 
-    /// Drops every entry translating `gva` (INVLPG).
+    /// Drops every entry translating `gva` (INVLPG), including every piece of a guest
+    /// large page that was cached as smaller entries ("splintered" over smaller host pages).
     pub fn invalidate_page(&mut self, gva: u64) {
         for size in SIZES {
             let key = tlb_key(gva, size);
@@ -354,6 +357,13 @@ impl Tlb {
             self.l2_4k.invalidate(key);
             self.l2_2m.invalidate(key);
         }
+        let splinter = |key: u64, e: &TlbEntry| {
+            let page_va = (key & ((1 << 52) - 1)) << e.size.shift();
+            e.guest_size == e.size
+                || (page_va ^ gva) & !e.guest_size.offset_mask() & ((1 << 57) - 1) != 0
+        };
+        self.l1.retain(splinter);
+        self.l2_4k.retain(splinter);
     }
 
     /// Drops every entry, or every non-global entry when `keep_global` (a CR3 write with
@@ -410,6 +420,7 @@ mod tests {
             page,
             gpa_page: page,
             size,
+            guest_size: size,
             perms: Permissions::ALL,
             global,
         };

@@ -263,10 +263,12 @@ impl MemoryMap {
     }
 
     /// Whether the `len` bytes from `gpa` lie in one region and map to host memory that is
-    /// contiguous and aligned like `gpa` to `align` (used to choose large host pages).
+    /// contiguous and aligned to `align` (a power of two; used to choose large host pages).
     pub fn maps_contiguously(&self, gpa: u64, len: u64, align: u64) -> bool {
         self.regions.iter().any(|r| {
-            gpa >= r.gpa && gpa + len <= r.gpa + r.size && (r.hpa + (gpa - r.gpa)) % align == 0
+            gpa >= r.gpa
+                && gpa + len <= r.gpa + r.size
+                && (r.hpa + (gpa - r.gpa)) & (align - 1) == 0
         })
     }
 
@@ -342,7 +344,7 @@ impl GuestPhysMemoryMut for VmMemory {
 }
 
 /// Wraps a memory and records every address written through it (one entry per
-/// `write_u64`, one per zeroed page), in order.
+/// `write_u64`, 512 per zeroed page: every entry of it changed), in order.
 #[derive(Debug)]
 pub struct RecordingMemory<'a, M: ?Sized> {
     inner: &'a mut M,
@@ -383,7 +385,8 @@ impl<M: GuestPhysMemoryMut + ?Sized> GuestPhysMemoryMut for RecordingMemory<'_, 
     }
     fn zero_page(&mut self, addr: u64) -> Result<(), MemError> {
         self.inner.zero_page(addr)?;
-        self.writes.push(addr & !0xfff);
+        let base = addr & !0xfff;
+        self.writes.extend((0..512).map(|i| base + i * 8));
         Ok(())
     }
 }
@@ -457,6 +460,8 @@ mod tests {
         let mut rec = RecordingMemory::new(&mut vm);
         rec.write_u64(0x2000, 1).unwrap();
         rec.zero_page(0x3008).unwrap();
-        assert_eq!(rec.into_writes(), vec![0x2000, 0x3000]);
+        let w = rec.into_writes();
+        assert_eq!(w.len(), 513);
+        assert_eq!((w[0], w[1], w[512]), (0x2000, 0x3000, 0x3ff8));
     }
 }

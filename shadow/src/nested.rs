@@ -161,8 +161,7 @@ impl NestedTables {
         self.walk_from(
             host,
             gpa,
-            self.levels,
-            self.root,
+            (self.levels, self.root),
             refs,
             NestedAccess::Data,
             |_, _| {},
@@ -175,8 +174,7 @@ impl NestedTables {
         &self,
         host: &M,
         gpa: u64,
-        mut level: u8,
-        mut table: u64,
+        (mut level, mut table): (u8, u64),
         refs: &mut u32,
         during: NestedAccess,
         mut on_table: impl FnMut(u8, u64),
@@ -350,7 +348,7 @@ impl HostSide {
         let npwc = &mut self.npwc;
         let leaf = self
             .ept
-            .walk_from(host, gpa, level, table, refs, during, |l, t| {
+            .walk_from(host, gpa, (level, table), refs, during, |l, t| {
                 // The entry at level l+1 points to table t: cache it under the bits above l.
                 npwc.insert(prefix_key(gpa, l + 1), t);
             })?;
@@ -584,6 +582,7 @@ impl NestedMmu {
                 page: leaf.hpa & !mask,
                 gpa_page: t.gpa & !mask,
                 size,
+                guest_size: t.size,
                 perms: t.perms,
                 global: t.global,
             },

@@ -423,6 +423,7 @@ impl ShadowMmu {
                 page: hpa & !mask,
                 gpa_page: 0,
                 size,
+                guest_size: size,
                 perms,
                 global,
             },

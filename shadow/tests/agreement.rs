@@ -6,9 +6,8 @@ use proptest::prelude::*;
 use shadow::nested::NestedAccess;
 use shadow::testbed::Machine;
 use shadow::{
-    Access, AccessKind, CacheConfig, GuestPhysMemory, GuestPhysMemoryMut, MapFlags, MemoryMap,
-    MemoryRegion, NestedError, NestedMmu, PageSize, PagingMode, ShadowError, ShadowMmu, WalkError,
-    Walker,
+    Access, AccessKind, CacheConfig, GuestPhysMemoryMut, MapFlags, MemoryMap, MemoryRegion,
+    NestedError, NestedMmu, PageSize, PagingMode, ShadowError, ShadowMmu, WalkError, Walker,
 };
 
 const HOLE_START: u64 = 8 << 20;

@@ -207,3 +207,32 @@ fn invlpg_and_cr3_writes_have_their_architectural_effect() {
         Err(NestedError::Guest(WalkError::PageFault(_)))
     ));
 }
+
+#[test]
+fn invlpg_drops_every_splinter_of_a_guest_large_page() {
+    let mut m = machine(false);
+    let pt = m.new_address_space().unwrap();
+    let va = 0x4000_0000u64;
+    m.map(&pt, va, 0x20_0000, PageSize::Size2M, MapFlags::ALL)
+        .unwrap();
+    // 4 KiB host pages: the TLB holds the 2 MiB guest page as 4 KiB pieces.
+    let mut mmu = m
+        .nested_mmu(PageSize::Size4K, CacheConfig::default(), pt.root())
+        .unwrap();
+    let pieces = [va, va + 0x1000, va + 0x1f_f000];
+    for &p in &pieces {
+        let t = mmu.translate(m.vm.host(), p, Access::read()).unwrap();
+        assert_eq!(t.size, PageSize::Size4K);
+    }
+    let pde = pt.entry_addr(&m.vm, va, 2).unwrap().unwrap();
+    let old = m.vm.read_u64(pde).unwrap();
+    m.vm.write_u64(pde, (old & !PTE_ADDR_MASK) | 0x40_0000)
+        .unwrap();
+    mmu.invlpg(va + 0x1000); // any address in the large page
+    for &p in &pieces {
+        assert_eq!(
+            mmu.translate(m.vm.host(), p, Access::read()).unwrap().hpa,
+            HOST_RAM_BASE + 0x40_0000 + (p - va)
+        );
+    }
+}
