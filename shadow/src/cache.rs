@@ -46,6 +46,90 @@ impl CacheStats {
 
 const EMPTY: u64 = u64::MAX;
 
+/// Open-addressing hash index from key to slot, so that a lookup in a wide (fully
+/// associative) set costs one or two probes instead of a scan of every way. It changes
+/// nothing in what the cache holds or evicts.
+#[derive(Debug, Clone)]
+struct SlotIndex {
+    keys: Vec<u64>,
+    slots: Vec<u32>,
+    mask: usize,
+}
+
+impl SlotIndex {
+    fn new(entries: usize) -> Self {
+        let cap = (entries * 4).next_power_of_two().max(8);
+        SlotIndex {
+            keys: vec![EMPTY; cap],
+            slots: vec![0; cap],
+            mask: cap - 1,
+        }
+    }
+
+    #[inline(always)]
+    fn home(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize & self.mask
+    }
+
+    #[inline(always)]
+    fn get(&self, key: u64) -> Option<u32> {
+        let mut i = self.home(key);
+        loop {
+            let k = self.keys[i];
+            if k == key {
+                return Some(self.slots[i]);
+            }
+            if k == EMPTY {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    fn insert(&mut self, key: u64, slot: u32) {
+        let mut i = self.home(key);
+        while self.keys[i] != EMPTY && self.keys[i] != key {
+            i = (i + 1) & self.mask;
+        }
+        self.keys[i] = key;
+        self.slots[i] = slot;
+    }
+
+    /// Removes `key`, shifting later entries of its probe run back (no tombstones).
+    fn remove(&mut self, key: u64) {
+        let mut i = self.home(key);
+        loop {
+            if self.keys[i] == EMPTY {
+                return;
+            }
+            if self.keys[i] == key {
+                break;
+            }
+            i = (i + 1) & self.mask;
+        }
+        let mut j = i;
+        loop {
+            j = (j + 1) & self.mask;
+            let k = self.keys[j];
+            if k == EMPTY {
+                break;
+            }
+            let h = self.home(k);
+            // Move k back to the hole at i unless its home lies cyclically in (i, j].
+            if (j.wrapping_sub(h) & self.mask) >= (j.wrapping_sub(i) & self.mask) {
+                self.keys[i] = k;
+                self.slots[i] = self.slots[j];
+                i = j;
+            }
+        }
+        self.keys[i] = EMPTY;
+    }
+
+    fn clear(&mut self) {
+        self.keys.fill(EMPTY);
+    }
+}
+
 /// A set-associative cache of `Copy` values under `u64` keys with LRU replacement in each
 /// set. The set is chosen by the key's low bits. Zero entries make a cache that is always
 /// empty.
@@ -56,6 +140,7 @@ pub struct LruCache<V: Copy> {
     keys: Vec<u64>,
     vals: Vec<Option<V>>,
     stamps: Vec<u64>,
+    index: SlotIndex,
     clock: u64,
     stats: CacheStats,
 }
@@ -77,6 +162,7 @@ impl<V: Copy> LruCache<V> {
             keys: vec![EMPTY; n],
             vals: vec![None; n],
             stamps: vec![0; n],
+            index: SlotIndex::new(n),
             clock: 0,
             stats: CacheStats::default(),
         }
@@ -94,19 +180,14 @@ impl<V: Copy> LruCache<V> {
     }
 
     /// Looks `key` up, counting a hit or a miss and refreshing its LRU position.
-    #[inline]
+    #[inline(always)]
     pub fn lookup(&mut self, key: u64) -> Option<V> {
-        if self.ways == 0 {
-            self.stats.misses += 1;
-            return None;
-        }
-        let r = self.set_range(key);
-        let start = r.start;
-        if let Some(i) = self.keys[r].iter().position(|&k| k == key) {
+        if let Some(i) = self.index.get(key) {
+            let i = i as usize;
             self.clock += 1;
-            self.stamps[start + i] = self.clock;
+            self.stamps[i] = self.clock;
             self.stats.hits += 1;
-            return self.vals[start + i];
+            return self.vals[i];
         }
         self.stats.misses += 1;
         None
@@ -118,42 +199,40 @@ impl<V: Copy> LruCache<V> {
         if self.ways == 0 {
             return;
         }
+        self.clock += 1;
+        if let Some(i) = self.index.get(key) {
+            self.vals[i as usize] = Some(value);
+            self.stamps[i as usize] = self.clock;
+            return;
+        }
         let r = self.set_range(key);
-        let start = r.start;
-        let mut victim = start;
+        let mut victim = r.start;
         let mut oldest = u64::MAX;
         for i in r {
-            if self.keys[i] == key {
+            if self.keys[i] == EMPTY {
                 victim = i;
                 break;
             }
-            if self.keys[i] == EMPTY {
-                if oldest != 0 {
-                    victim = i;
-                    oldest = 0;
-                }
-            } else if self.stamps[i] < oldest {
+            if self.stamps[i] < oldest {
                 victim = i;
                 oldest = self.stamps[i];
             }
         }
-        self.clock += 1;
+        if self.keys[victim] != EMPTY {
+            self.index.remove(self.keys[victim]);
+        }
         self.keys[victim] = key;
         self.vals[victim] = Some(value);
         self.stamps[victim] = self.clock;
+        self.index.insert(key, victim as u32);
     }
 
     /// Removes `key` if present.
     pub fn invalidate(&mut self, key: u64) {
-        if self.ways == 0 {
-            return;
-        }
-        let r = self.set_range(key);
-        for i in r {
-            if self.keys[i] == key {
-                self.keys[i] = EMPTY;
-                self.vals[i] = None;
-            }
+        if let Some(i) = self.index.get(key) {
+            self.keys[i as usize] = EMPTY;
+            self.vals[i as usize] = None;
+            self.index.remove(key);
         }
     }
 
@@ -162,6 +241,7 @@ impl<V: Copy> LruCache<V> {
         for i in 0..self.keys.len() {
             if let Some(v) = &self.vals[i] {
                 if !keep(self.keys[i], v) {
+                    self.index.remove(self.keys[i]);
                     self.keys[i] = EMPTY;
                     self.vals[i] = None;
                 }
@@ -173,6 +253,7 @@ impl<V: Copy> LruCache<V> {
     pub fn clear(&mut self) {
         self.keys.fill(EMPTY);
         self.vals.fill(None);
+        self.index.clear();
     }
 
     /// Hit/miss counts so far.
@@ -309,7 +390,7 @@ impl Tlb {
     }
 
     /// Looks up the translation of `gva`, counting a hit or a miss.
-    #[inline]
+    #[inline(always)]
     pub fn lookup(&mut self, gva: u64) -> Option<TlbEntry> {
         for (i, size) in SIZES.into_iter().enumerate() {
             if !self.present[i] {
@@ -405,6 +486,46 @@ mod tests {
         let mut off: LruCache<u32> = LruCache::new(0, 4);
         off.insert(1, 1);
         assert_eq!(off.lookup(1), None);
+    }
+
+    #[test]
+    fn wide_sets_behave_like_a_scan_under_churn() {
+        // A 48-way fully associative cache against a reference model kept as a Vec.
+        let mut c = LruCache::new(48, 48);
+        let mut model: Vec<(u64, u64)> = Vec::new(); // (key, last use), LRU = min
+        let mut x = 12345u64;
+        for t in 1..20_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = x % 97;
+            match x % 5 {
+                0 => {
+                    c.invalidate(key);
+                    model.retain(|&(k, _)| k != key);
+                }
+                1 | 2 => {
+                    let got = c.lookup(key);
+                    let pos = model.iter().position(|&(k, _)| k == key);
+                    assert_eq!(got, pos.map(|_| key * 3), "lookup {key} at {t}");
+                    if let Some(p) = pos {
+                        model[p].1 = t;
+                    }
+                }
+                _ => {
+                    c.insert(key, key * 3);
+                    if let Some(p) = model.iter().position(|&(k, _)| k == key) {
+                        model[p].1 = t;
+                    } else {
+                        if model.len() == 48 {
+                            let lru = (0..48).min_by_key(|&i| model[i].1).unwrap();
+                            model.remove(lru);
+                        }
+                        model.push((key, t));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

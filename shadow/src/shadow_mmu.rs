@@ -301,6 +301,7 @@ impl ShadowMmu {
 
     /// Translates `gva` for `access` in the current address space; `mem` is guest-physical
     /// memory (read only when the shadow tables miss).
+    #[inline]
     pub fn translate<M: GuestPhysMemory + ?Sized>(
         &mut self,
         mem: &M,
@@ -308,13 +309,6 @@ impl ShadowMmu {
         access: Access,
     ) -> Result<ShadowTranslation, ShadowError> {
         self.stats.translations += 1;
-        if !self.cfg.guest_mode.is_canonical(gva) {
-            return Err(WalkError::NonCanonical {
-                gva,
-                bits: self.cfg.guest_mode.va_bits(),
-            }
-            .into());
-        }
         if let Some(e) = self.tlb.lookup(gva) {
             if e.perms.allows(access, &self.cfg.guest_mode) {
                 self.stats.hits += 1;
@@ -326,6 +320,24 @@ impl ShadowMmu {
                 });
             }
             self.tlb.invalidate_page(gva);
+        }
+        self.translate_slow(mem, gva, access)
+    }
+
+    /// TLB miss: walk the shadow tables, and on a shadow miss handle the exit.
+    #[inline(never)]
+    fn translate_slow<M: GuestPhysMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        gva: u64,
+        access: Access,
+    ) -> Result<ShadowTranslation, ShadowError> {
+        if !self.cfg.guest_mode.is_canonical(gva) {
+            return Err(WalkError::NonCanonical {
+                gva,
+                bits: self.cfg.guest_mode.va_bits(),
+            }
+            .into());
         }
         if self.root.is_none() {
             // KVM loads the root (kvm_mmu_load) before entering the guest.
