@@ -46,10 +46,13 @@ pub const EFER_NXE: u64 = 1 << 11;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum PageSize {
     /// 4 KiB, mapped by a level-1 entry (PTE).
+    #[serde(rename = "4k")]
     Size4K,
     /// 2 MiB, mapped by a level-2 entry (PDE) with PS set.
+    #[serde(rename = "2m")]
     Size2M,
     /// 1 GiB, mapped by a level-3 entry (PDPTE) with PS set.
+    #[serde(rename = "1g")]
     Size1G,
 }
 
@@ -254,6 +257,7 @@ impl PagingMode {
 
 /// What the translated access does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AccessKind {
     /// Data read.
     Read,

@@ -33,6 +33,7 @@ use std::time::Instant;
 
 /// The shape of a trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WorkloadKind {
     /// Sequential lines.
     Sequential,
