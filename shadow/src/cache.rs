@@ -130,20 +130,26 @@ impl SlotIndex {
     }
 }
 
-/// A set-associative cache of `Copy` values under `u64` keys with LRU replacement in each
-/// set. The set is chosen by the key's low bits. Zero entries make a cache that is always
-/// empty.
+/// A set-associative cache of `Copy` values under `u64` keys with exact LRU replacement
+/// in each set (a recency list per set, so hits and evictions cost O(1) however wide the
+/// set). The set is chosen by the key's low bits. Zero entries make a cache that is
+/// always empty.
 #[derive(Debug, Clone)]
 pub struct LruCache<V: Copy> {
     set_mask: usize,
     ways: usize,
     keys: Vec<u64>,
     vals: Vec<Option<V>>,
-    stamps: Vec<u64>,
+    /// Recency list links (slot indices); per set, `head` is the most recently used.
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    head: Vec<u32>,
+    tail: Vec<u32>,
     index: SlotIndex,
-    clock: u64,
     stats: CacheStats,
 }
+
+const NIL: u32 = u32::MAX;
 
 impl<V: Copy> LruCache<V> {
     /// `entries` entries in sets of `ways` (`ways` ≥ `entries` means fully associative).
@@ -156,15 +162,36 @@ impl<V: Copy> LruCache<V> {
             prev_pow2((entries / ways).max(1))
         };
         let n = sets * ways;
-        LruCache {
+        let mut c = LruCache {
             set_mask: sets.saturating_sub(1),
             ways: if entries == 0 { 0 } else { ways },
             keys: vec![EMPTY; n],
             vals: vec![None; n],
-            stamps: vec![0; n],
+            prev: vec![NIL; n],
+            next: vec![NIL; n],
+            head: vec![NIL; sets],
+            tail: vec![NIL; sets],
             index: SlotIndex::new(n),
-            clock: 0,
             stats: CacheStats::default(),
+        };
+        c.reset_lists();
+        c
+    }
+
+    fn reset_lists(&mut self) {
+        for set in 0..self.head.len() {
+            let base = set * self.ways;
+            for w in 0..self.ways {
+                let i = base + w;
+                self.prev[i] = if w == 0 { NIL } else { (i - 1) as u32 };
+                self.next[i] = if w + 1 == self.ways {
+                    NIL
+                } else {
+                    (i + 1) as u32
+                };
+            }
+            self.head[set] = base as u32;
+            self.tail[set] = (base + self.ways - 1) as u32;
         }
     }
 
@@ -174,9 +201,58 @@ impl<V: Copy> LruCache<V> {
     }
 
     #[inline(always)]
-    fn set_range(&self, key: u64) -> std::ops::Range<usize> {
-        let s = (key as usize & self.set_mask) * self.ways;
-        s..s + self.ways
+    fn set_of(&self, slot: usize) -> usize {
+        slot / self.ways
+    }
+
+    #[inline(always)]
+    fn unlink(&mut self, i: usize, set: usize) {
+        let (p, n) = (self.prev[i], self.next[i]);
+        if p == NIL {
+            self.head[set] = n;
+        } else {
+            self.next[p as usize] = n;
+        }
+        if n == NIL {
+            self.tail[set] = p;
+        } else {
+            self.prev[n as usize] = p;
+        }
+    }
+
+    #[inline(always)]
+    fn push_front(&mut self, i: usize, set: usize) {
+        let h = self.head[set];
+        self.prev[i] = NIL;
+        self.next[i] = h;
+        if h == NIL {
+            self.tail[set] = i as u32;
+        } else {
+            self.prev[h as usize] = i as u32;
+        }
+        self.head[set] = i as u32;
+    }
+
+    #[inline(always)]
+    fn push_back(&mut self, i: usize, set: usize) {
+        let t = self.tail[set];
+        self.next[i] = NIL;
+        self.prev[i] = t;
+        if t == NIL {
+            self.head[set] = i as u32;
+        } else {
+            self.next[t as usize] = i as u32;
+        }
+        self.tail[set] = i as u32;
+    }
+
+    #[inline(always)]
+    fn touch(&mut self, i: usize) {
+        let set = self.set_of(i);
+        if self.head[set] != i as u32 {
+            self.unlink(i, set);
+            self.push_front(i, set);
+        }
     }
 
     /// Looks `key` up, counting a hit or a miss and refreshing its LRU position.
@@ -184,8 +260,7 @@ impl<V: Copy> LruCache<V> {
     pub fn lookup(&mut self, key: u64) -> Option<V> {
         if let Some(i) = self.index.get(key) {
             let i = i as usize;
-            self.clock += 1;
-            self.stamps[i] = self.clock;
+            self.touch(i);
             self.stats.hits += 1;
             return self.vals[i];
         }
@@ -193,46 +268,42 @@ impl<V: Copy> LruCache<V> {
         None
     }
 
-    /// Inserts or replaces `key`, evicting the least recently used entry of its set.
+    /// Inserts or replaces `key`, evicting the least recently used entry of its set
+    /// (empty entries are used first).
     #[inline]
     pub fn insert(&mut self, key: u64, value: V) {
         if self.ways == 0 {
             return;
         }
-        self.clock += 1;
         if let Some(i) = self.index.get(key) {
             self.vals[i as usize] = Some(value);
-            self.stamps[i as usize] = self.clock;
+            self.touch(i as usize);
             return;
         }
-        let r = self.set_range(key);
-        let mut victim = r.start;
-        let mut oldest = u64::MAX;
-        for i in r {
-            if self.keys[i] == EMPTY {
-                victim = i;
-                break;
-            }
-            if self.stamps[i] < oldest {
-                victim = i;
-                oldest = self.stamps[i];
-            }
-        }
+        let set = key as usize & self.set_mask;
+        let victim = self.tail[set] as usize;
         if self.keys[victim] != EMPTY {
             self.index.remove(self.keys[victim]);
         }
         self.keys[victim] = key;
         self.vals[victim] = Some(value);
-        self.stamps[victim] = self.clock;
+        self.touch(victim);
         self.index.insert(key, victim as u32);
+    }
+
+    fn drop_slot(&mut self, i: usize) {
+        self.index.remove(self.keys[i]);
+        self.keys[i] = EMPTY;
+        self.vals[i] = None;
+        let set = self.set_of(i);
+        self.unlink(i, set);
+        self.push_back(i, set);
     }
 
     /// Removes `key` if present.
     pub fn invalidate(&mut self, key: u64) {
         if let Some(i) = self.index.get(key) {
-            self.keys[i as usize] = EMPTY;
-            self.vals[i as usize] = None;
-            self.index.remove(key);
+            self.drop_slot(i as usize);
         }
     }
 
@@ -241,9 +312,7 @@ impl<V: Copy> LruCache<V> {
         for i in 0..self.keys.len() {
             if let Some(v) = &self.vals[i] {
                 if !keep(self.keys[i], v) {
-                    self.index.remove(self.keys[i]);
-                    self.keys[i] = EMPTY;
-                    self.vals[i] = None;
+                    self.drop_slot(i);
                 }
             }
         }
@@ -254,6 +323,7 @@ impl<V: Copy> LruCache<V> {
         self.keys.fill(EMPTY);
         self.vals.fill(None);
         self.index.clear();
+        self.reset_lists();
     }
 
     /// Hit/miss counts so far.

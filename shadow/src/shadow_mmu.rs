@@ -239,6 +239,9 @@ pub struct ShadowMmu {
     tlb: Tlb,
     pwc: LruCache<WalkCacheEntry>,
     check_loops: bool,
+    /// Guest pages shadowed at more than one level: only these can close a loop, so the
+    /// hardware walk skips its loop check while there are none.
+    multi_level_gfns: usize,
     stats: ShadowStats,
 }
 
@@ -262,6 +265,7 @@ impl ShadowMmu {
             tlb: Tlb::new(cfg.caches.tlb),
             pwc: LruCache::new(cfg.caches.walk_cache_entries, usize::MAX),
             check_loops: true,
+            multi_level_gfns: 0,
             stats: ShadowStats::default(),
         }
     }
@@ -473,8 +477,9 @@ impl ShadowMmu {
                 self.stats.walk_cache.misses += 1;
             }
         }
+        let check_loops = self.check_loops && self.multi_level_gfns > 0;
         loop {
-            if self.check_loops {
+            if check_loops {
                 let g = self.page_gpa[sp as usize];
                 if g != NO_GPA {
                     if visited[..nvisited].contains(&g) {
@@ -571,7 +576,13 @@ impl ShadowMmu {
         let i = self.alloc_page(key);
         self.index.insert(key, i);
         if !key.direct {
-            self.by_gfn.entry(key.gpa).or_default().push(i);
+            let list = self.by_gfn.entry(key.gpa).or_default();
+            list.push(i);
+            if list.len() == 2 {
+                self.multi_level_gfns += 1;
+                // Walk-cache entries made without loop checks lack their visited tables.
+                self.pwc.clear();
+            }
         }
         i
     }
@@ -622,7 +633,11 @@ impl ShadowMmu {
         self.index.remove(&key);
         if !key.direct {
             if let Some(list) = self.by_gfn.get_mut(&key.gpa) {
+                let before = list.len();
                 list.retain(|&s| s != sp);
+                if before == 2 && list.len() == 1 {
+                    self.multi_level_gfns -= 1;
+                }
                 if list.is_empty() {
                     self.by_gfn.remove(&key.gpa);
                 }

@@ -24,6 +24,10 @@ struct Mapping {
 
 #[derive(Debug, Clone)]
 struct Corruption {
+    /// Hit the entry at `level` on the walk path of mapping `table_pick` rather than a
+    /// random entry (`slot`) of a random table.
+    on_path: bool,
+    level: u8,
     table_pick: usize,
     slot: u64,
     kind: u8,
@@ -36,14 +40,22 @@ fn mapping() -> impl Strategy<Value = Mapping> {
 }
 
 fn corruption() -> impl Strategy<Value = Corruption> {
-    (any::<usize>(), 0u64..512, 0u8..4, any::<u64>()).prop_map(|(table_pick, slot, kind, raw)| {
-        Corruption {
+    (
+        any::<bool>(),
+        1u8..=5,
+        any::<usize>(),
+        0u64..512,
+        0u8..5,
+        any::<u64>(),
+    )
+        .prop_map(|(on_path, level, table_pick, slot, kind, raw)| Corruption {
+            on_path,
+            level,
             table_pick,
             slot,
             kind,
             raw,
-        }
-    })
+        })
 }
 
 /// Virtual address of mapping slot `slot`: spread over PML4/PDPT/PD/PT indices.
@@ -170,8 +182,8 @@ proptest! {
         la57 in any::<bool>(),
         mode_bits in 0u8..16,
         maps in prop::collection::vec(mapping(), 1..24),
-        before in prop::collection::vec(corruption(), 0..6),
-        after in prop::collection::vec(corruption(), 0..6),
+        before in prop::collection::vec(corruption(), 0..4),
+        after in prop::collection::vec(corruption(), 0..4),
         queries in prop::collection::vec((0u64..64, any::<u64>(), 0u8..16, any::<bool>()), 1..48),
     ) {
         // PGE off: a CR3 write then flushes every TLB entry, so after phase-2 writes all
@@ -196,18 +208,25 @@ proptest! {
         }
         // Every table page the builder handed out.
         tables.extend(m.guest_tables.used().step_by(0x1000).filter(|&t| t != pt.root()));
-        let corrupt = |m: &mut Machine, c: &Corruption, tables: &[u64]| -> u64 {
-            let table = tables[c.table_pick % tables.len()];
-            let addr = table + c.slot * 8;
+        let levels = mode.levels();
+        // Returns the entry written, or None when the path led outside guest memory.
+        let corrupt = |m: &mut Machine, c: &Corruption, tables: &[u64]| -> Option<u64> {
+            let mp = &maps[c.table_pick % maps.len()];
+            let on_path = if c.on_path {
+                pt.entry_addr(&m.vm, slot_va(mp.slot, mp.size, la57), c.level.min(levels)).ok().flatten()
+            } else {
+                None
+            };
+            let addr = on_path.unwrap_or(tables[c.table_pick % tables.len()] + c.slot * 8);
             let other = tables[(c.raw as usize >> 3) % tables.len()];
             let value = match c.kind {
                 0 => 0,
                 1 => other | (c.raw & 0x8000_0000_0000_01ff), // another table: loops, sharing
                 2 => (HOLE_START + (c.raw & 0x3f_f000)) | (c.raw & 0x1ff), // into the hole
+                4 => pt.root() | 0x7 | (c.raw & 0x160), // back to the root: a loop on this path
                 _ => c.raw, // anything
             };
-            m.vm.write_u64(addr, value).unwrap();
-            addr
+            m.vm.write_u64(addr, value).ok().map(|_| addr)
         };
         for c in &before { corrupt(&mut m, c, &tables); }
 
@@ -226,7 +245,9 @@ proptest! {
                 let mp = &maps[q.0 as usize % maps.len()];
                 slot_va(mp.slot, mp.size, la57) + (q.1 & mp.size.offset_mask() & !7)
             } else {
-                q.1 // anything, canonical or not
+                // Anything: canonical (sign-extended) or, one time in four, not.
+                let bits = if la57 { 57 } else { 48 };
+                if q.2 & 3 == 0 { q.1 } else { (((q.1 << (64 - bits)) as i64) >> (64 - bits)) as u64 }
             }
         };
         // Twice: the second round runs on warm TLBs, walk caches and shadow tables.
@@ -237,8 +258,9 @@ proptest! {
         }
         // Phase 2: the guest rewrites entries; the shadow hears of each write; then CR3.
         for c in &after {
-            let addr = corrupt(&mut m, c, &tables);
-            for s in &mut models.shadows { s.notify_write(addr); }
+            if let Some(addr) = corrupt(&mut m, c, &tables) {
+                for s in &mut models.shadows { s.notify_write(addr); }
+            }
         }
         for n in &mut models.nested { n.write_cr3(pt.root()); }
         for s in &mut models.shadows { s.write_cr3(&m.vm, pt.root()); }

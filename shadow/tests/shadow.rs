@@ -339,3 +339,54 @@ fn addresses_outside_the_memory_map_are_typed_errors() {
     );
     let _ = WalkError::NonCanonical { gva: 0, bits: 48 };
 }
+
+/// Shadow pages are shared by (guest table, level), so a path that loops in the guest
+/// tables can be made entirely of sptes filled by other, loop-free walks. The hardware walk
+/// of the shadow tables must still see the loop and report what the walker reports.
+#[test]
+fn loops_assembled_from_shared_shadow_pages_are_still_loops() {
+    use shadow::paging::{PTE_P, PTE_US};
+    use shadow::TableAllocator;
+    let va = |a: u64, b: u64, c: u64, d: u64| (a << 39) | (b << 30) | (c << 21) | (d << 12);
+    let mut m = machine();
+    let pt = m.new_address_space().unwrap();
+    let gva1 = va(1, 2, 3, 4); // R[1] -> C, C[2] -> B, B[3] -> A, A[4] -> data
+    m.map(&pt, gva1, 0x10_0000, PageSize::Size4K, MapFlags::ALL)
+        .unwrap();
+    let table_of =
+        |m: &Machine, level| pt.entry_addr(&m.vm, gva1, level).unwrap().unwrap() & !0xfff;
+    let (r, b, a) = (pt.root(), table_of(&m, 2), table_of(&m, 1));
+    let mut page = || m.guest_tables.alloc_table().unwrap();
+    let (d, e, f) = (page(), page(), page());
+    let link = PTE_P | PTE_RW | PTE_US;
+    let w = |m: &mut Machine, table: u64, i: u64, v: u64| m.vm.write_u64(table + i * 8, v).unwrap();
+    w(&mut m, r, 5, a | link); // A also serves as a level-3 table
+    w(&mut m, a, 6, d | link);
+    w(&mut m, d, 8, e | link);
+    w(&mut m, e, 9, 0x11_0000 | link);
+    w(&mut m, a, 7, b | link); // ... whose entry 7 leads back to B at level 2
+    w(&mut m, b, 10, f | link);
+    w(&mut m, f, 11, 0x12_0000 | link);
+    let (gva3, gva4, gva2) = (va(5, 6, 8, 9), va(5, 7, 10, 11), va(5, 7, 3, 4));
+    let walker = Walker::new(m.mode);
+    for caches in [CacheConfig::NONE, CacheConfig::default()] {
+        let mut s = m.shadow_mmu(PageSize::Size4K, caches, true, pt.root());
+        for g in [gva1, gva3, gva4] {
+            let want = walker.walk(&m.vm, pt.root(), g, Access::read()).unwrap();
+            assert_eq!(
+                s.translate(&m.vm, g, Access::read()).unwrap().hpa,
+                HOST_RAM_BASE + want.gpa
+            );
+        }
+        // R[5] -> (A,3) -> [7] -> (B,2) -> [3] -> (A,1) -> [4]: every spte exists.
+        let want = walker.walk(&m.vm, pt.root(), gva2, Access::read());
+        assert!(
+            matches!(want, Err(WalkError::TableLoop { level: 1, .. })),
+            "{want:?}"
+        );
+        assert_eq!(
+            s.translate(&m.vm, gva2, Access::read()),
+            Err(ShadowError::Guest(want.unwrap_err()))
+        );
+    }
+}
