@@ -49,6 +49,26 @@
 //!   random over a working set, page-table churn, address-space switches) and a runner that
 //!   drives both paths with them; `memvirt translate` prints what it measures.
 //!
+//! ## Walking a guest's tables
+//!
+//! ```
+//! use shadow::{Access, BufferMemory, BumpAllocator, EntryFormat, MapFlags, PageSize};
+//! use shadow::{PageTableBuilder, PagingMode, WalkError, Walker};
+//!
+//! // Guest memory in a buffer; tables from its top 1 MiB.
+//! let mut mem = BufferMemory::new(0, 16 << 20);
+//! let mut alloc = BumpAllocator::new(15 << 20, 16 << 20);
+//! let pt = PageTableBuilder::new(&mut mem, &mut alloc, 4, EntryFormat::X86).unwrap();
+//! pt.map(&mut mem, &mut alloc, 0xffff_8000_0000_0000, 0x20_0000, PageSize::Size2M, MapFlags::KERNEL_DATA).unwrap();
+//!
+//! // On a live vCPU: PagingMode::from_registers(cr0, cr4, efer, maxphyaddr).
+//! let walker = Walker::new(PagingMode::default());
+//! let t = walker.walk(&mem, pt.root(), 0xffff_8000_0001_2345, Access::read()).unwrap();
+//! assert_eq!((t.gpa, t.size, t.entry_gpas().len()), (0x21_2345, PageSize::Size2M, 3));
+//! let fault = walker.walk(&mem, pt.root(), 0xffff_8000_0001_2345, Access::read().user());
+//! assert!(matches!(fault, Err(WalkError::PageFault(pf)) if pf.error_code == 0b101 && pf.level == 2));
+//! ```
+//!
 //! ## Addresses
 //!
 //! All addresses are plain `u64`; names say which space they live in: `gva` (guest

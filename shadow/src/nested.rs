@@ -456,22 +456,6 @@ impl NestedMmu {
         access: Access,
     ) -> Result<NestedTranslation, NestedError> {
         self.stats.translations += 1;
-        let r = self.translate_inner(host, gva, access);
-        match &r {
-            Ok(t) => self.stats.max_refs = self.stats.max_refs.max(t.refs),
-            Err(_) => self.stats.faults += 1,
-        }
-        r
-    }
-
-    #[inline]
-    fn translate_inner<M: GuestPhysMemory + ?Sized>(
-        &mut self,
-        host: &M,
-        gva: u64,
-        access: Access,
-    ) -> Result<NestedTranslation, NestedError> {
-        let mut start = self.walker.start(self.cr3, gva)?;
         if let Some(e) = self.tlb.lookup(gva) {
             if e.perms.allows(access, &self.mode) {
                 let off = gva & e.size.offset_mask();
@@ -486,6 +470,23 @@ impl NestedMmu {
             // The cached permissions forbid it: walk again, as the CPU does before faulting.
             self.tlb.invalidate_page(gva);
         }
+        let r = self.translate_slow(host, gva, access);
+        match &r {
+            Ok(t) => self.stats.max_refs = self.stats.max_refs.max(t.refs),
+            Err(_) => self.stats.faults += 1,
+        }
+        r
+    }
+
+    /// TLB miss: the 2-D walk with its caches.
+    #[inline(never)]
+    fn translate_slow<M: GuestPhysMemory + ?Sized>(
+        &mut self,
+        host: &M,
+        gva: u64,
+        access: Access,
+    ) -> Result<NestedTranslation, NestedError> {
+        let mut start = self.walker.start(self.cr3, gva)?;
         let mut known: Option<(u64, u64)> = None;
         if self.pwc.capacity() > 0 {
             for l in 2..=self.mode.levels() {

@@ -140,7 +140,7 @@ pub struct PagingMode {
     pub pge: bool,
     /// Whether 1 GiB pages are supported (CPUID.80000001H:EDX.Page1GB).
     pub gb_pages: bool,
-    /// MAXPHYADDR: entry address bits at or above it are reserved (CPUID.80000008H:EAX[7:0]).
+    /// MAXPHYADDR: entry address bits at or above it are reserved (`CPUID.80000008H:EAX[7:0]`).
     pub max_phys_bits: u8,
 }
 

@@ -30,6 +30,14 @@ pub struct HostFacts {
 pub fn host_facts(exit_ns: Option<f64>) -> HostFacts {
     let mode = translation_mode();
     let (execution, ns_per_instruction, measured_exit, note) = match calibrate_guest() {
+        // The probe clamps a loop too short to time (two runs that took the same time on a
+        // loaded host) to its floor of 0.01 ns: say so rather than trust the class.
+        Ok(c) if c.ns_per_instruction <= 0.011 => (
+            Some(c.execution),
+            Some(c.ns_per_instruction),
+            Some(c.exit_ns),
+            Some("calibration loop could not be timed (ns per instruction at the probe's floor; host busy?): execution class and exit cost are unreliable; rerun or pass --exit-ns".to_string()),
+        ),
         Ok(c) => (
             Some(c.execution),
             Some(c.ns_per_instruction),
