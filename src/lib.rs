@@ -26,6 +26,7 @@ pub mod cpulist;
 pub mod dedup;
 pub mod devices;
 pub mod guest;
+pub mod guest_phys;
 pub mod host;
 pub mod machine;
 pub mod probe;

@@ -335,6 +335,29 @@ impl Guest {
         self.vcpus.iter().map(|v| v.tid()).collect()
     }
 
+    /// KVM's own translation of `gva` on vCPU `vcpu` (`KVM_TRANSLATE`); the vCPU is
+    /// held still for the ioctl. `None` if the vCPU does not exist.
+    pub fn kvm_translate(
+        &self,
+        vcpu: usize,
+        gva: u64,
+    ) -> Option<Result<crate::guest_phys::KvmTranslation, kvm_ioctls::Error>> {
+        let v = self.vcpus.get(vcpu)?;
+        Some(v.with_fd(|fd| fd.translate_gva(gva).map(Into::into)))
+    }
+
+    /// The paging mode and CR3 of vCPU `vcpu`, from its registers, for the software
+    /// walker.
+    pub fn paging_state(&self, vcpu: usize) -> Option<Result<(shadow::PagingMode, u64), String>> {
+        let v = self.vcpus.get(vcpu)?;
+        Some(v.with_fd(|fd| {
+            let s = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+            let mode = shadow::PagingMode::from_registers(s.cr0, s.cr4, s.efer, 52)
+                .map_err(|e| e.to_string())?;
+            Ok((mode, s.cr3))
+        }))
+    }
+
     /// The guest's memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem

@@ -58,6 +58,7 @@ struct Shared {
 pub struct VcpuHandle {
     index: usize,
     shared: Arc<Shared>,
+    fd: Arc<Mutex<VcpuFd>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -89,6 +90,8 @@ pub struct VcpuSpec {
 impl VcpuHandle {
     /// Starts a thread that runs `vcpu` until stopped or failed.
     pub fn spawn(vcpu: VcpuFd, spec: VcpuSpec, bus: Arc<GuestBus>) -> std::io::Result<Self> {
+        let fd = Arc::new(Mutex::new(vcpu));
+        let thread_fd = fd.clone();
         install_kick_handler();
         let shared = Arc::new(Shared {
             state: Mutex::new(VcpuState::Created),
@@ -101,10 +104,11 @@ impl VcpuHandle {
         let index = spec.index;
         let thread = std::thread::Builder::new()
             .name(spec.name)
-            .spawn(move || vcpu_thread(vcpu, index, spec.pin, s, bus))?;
+            .spawn(move || vcpu_thread(thread_fd, index, spec.pin, s, bus))?;
         let handle = VcpuHandle {
             index,
             shared,
+            fd,
             thread: Some(thread),
         };
         handle.wait_for(|s| *s != VcpuState::Created, Duration::from_secs(10));
@@ -148,11 +152,30 @@ impl VcpuHandle {
     /// failed). Returns how long that took.
     pub fn pause(&self) -> Duration {
         let start = Instant::now();
-        self.shared.request.store(REQ_PAUSE, Ordering::Release);
+        {
+            let _g = self.shared.state.lock().expect("vcpu state");
+            self.shared.request.store(REQ_PAUSE, Ordering::Release);
+        }
         while !self.wait_for(VcpuState::is_still, Duration::from_millis(1)) {
             self.kick();
         }
         start.elapsed()
+    }
+
+    /// Runs `f` on the vCPU's file descriptor (e.g. `KVM_TRANSLATE`, register reads)
+    /// while the vCPU is held still: pauses it if it is running and resumes it after.
+    pub fn with_fd<R>(&self, f: impl FnOnce(&VcpuFd) -> R) -> R {
+        // Decide from the request word, not the state: a vCPU just resumed may still
+        // show `Paused` while it is about to re-enter KVM_RUN with the descriptor.
+        let previous = self.shared.request.load(Ordering::Acquire);
+        if previous == REQ_RUN {
+            self.pause();
+        }
+        let r = f(&self.fd.lock().expect("vcpu fd"));
+        if previous == REQ_RUN {
+            self.resume();
+        }
+        r
     }
 
     /// Lets a paused vCPU run again.
@@ -222,7 +245,7 @@ fn pin_current_thread(cpus: &[usize]) -> nix::Result<()> {
 }
 
 fn vcpu_thread(
-    mut vcpu: VcpuFd,
+    vcpu: Arc<Mutex<VcpuFd>>,
     index: usize,
     pin: Option<Vec<usize>>,
     shared: Arc<Shared>,
@@ -264,44 +287,72 @@ fn vcpu_thread(
             }
             _ => {}
         }
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => bus.io_out(port, data),
-            Ok(VcpuExit::IoIn(port, data)) => bus.io_in(port, data),
-            Ok(VcpuExit::Hlt) => {
-                bus.exits.count(ExitKind::Hlt);
+        // The descriptor's lock is held only inside KVM_RUN and the exit's handling;
+        // a parked vCPU leaves it to `with_fd`.
+        let step = {
+            let mut fd = vcpu.lock().expect("vcpu fd");
+            run_once(&mut fd, &bus)
+        };
+        match step {
+            Step::Continue => {}
+            Step::Halt => {
                 if !park(&shared, VcpuState::Halted) {
                     break;
                 }
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                bus.exits.count(ExitKind::Mmio);
-                data.fill(0xff);
-            }
-            Ok(VcpuExit::MmioWrite(..)) => bus.exits.count(ExitKind::Mmio),
-            Ok(VcpuExit::Shutdown) => {
-                bus.exits.count(ExitKind::Other);
-                return fail("triple fault (KVM_EXIT_SHUTDOWN): the guest hit an exception it could not deliver".into());
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                bus.exits.count(ExitKind::Other);
-                return fail(format!(
-                    "KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on CPU {cpu}"
-                ));
-            }
-            Ok(VcpuExit::InternalError) => {
-                bus.exits.count(ExitKind::Other);
-                return fail("KVM_EXIT_INTERNAL_ERROR: KVM could not emulate the guest".into());
-            }
-            Ok(VcpuExit::Intr) => bus.exits.count(ExitKind::Interrupted),
-            Ok(other) => {
-                bus.exits.count(ExitKind::Other);
-                return fail(format!("unexpected VM exit {other:?}"));
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                bus.exits.count(ExitKind::Interrupted);
-            }
-            Err(e) => return fail(format!("KVM_RUN failed: {e}")),
+            Step::Fail(reason) => return fail(reason),
         }
     }
     set_state(&shared, VcpuState::Stopped);
+}
+
+/// What the run loop does after one `KVM_RUN`.
+enum Step {
+    Continue,
+    Halt,
+    Fail(String),
+}
+
+/// Enters the guest once and handles the exit.
+fn run_once(fd: &mut VcpuFd, bus: &GuestBus) -> Step {
+    match fd.run() {
+        Ok(VcpuExit::IoOut(port, data)) => bus.io_out(port, data),
+        Ok(VcpuExit::IoIn(port, data)) => bus.io_in(port, data),
+        Ok(VcpuExit::Hlt) => {
+            bus.exits.count(ExitKind::Hlt);
+            return Step::Halt;
+        }
+        Ok(VcpuExit::MmioRead(_, data)) => {
+            bus.exits.count(ExitKind::Mmio);
+            data.fill(0xff);
+        }
+        Ok(VcpuExit::MmioWrite(..)) => bus.exits.count(ExitKind::Mmio),
+        Ok(VcpuExit::Shutdown) => {
+            bus.exits.count(ExitKind::Other);
+            return Step::Fail(
+                "triple fault (KVM_EXIT_SHUTDOWN): the guest hit an exception it could not deliver"
+                    .into(),
+            );
+        }
+        Ok(VcpuExit::FailEntry(reason, cpu)) => {
+            bus.exits.count(ExitKind::Other);
+            return Step::Fail(format!(
+                "KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on CPU {cpu}"
+            ));
+        }
+        Ok(VcpuExit::InternalError) => {
+            bus.exits.count(ExitKind::Other);
+            return Step::Fail("KVM_EXIT_INTERNAL_ERROR: KVM could not emulate the guest".into());
+        }
+        Ok(VcpuExit::Intr) => bus.exits.count(ExitKind::Interrupted),
+        Ok(other) => {
+            bus.exits.count(ExitKind::Other);
+            return Step::Fail(format!("unexpected VM exit {other:?}"));
+        }
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            bus.exits.count(ExitKind::Interrupted);
+        }
+        Err(e) => return Step::Fail(format!("KVM_RUN failed: {e}")),
+    }
+    Step::Continue
 }
