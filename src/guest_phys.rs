@@ -10,7 +10,7 @@ pub struct GuestPhys<'a>(pub &'a GuestMemoryMmap);
 
 impl GuestPhysMemory for GuestPhys<'_> {
     fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-        if addr % 8 != 0 {
+        if !addr.is_multiple_of(8) {
             return Err(MemError::Misaligned { addr });
         }
         self.0
