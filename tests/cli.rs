@@ -271,3 +271,19 @@ fn ctrl_c_during_hold_shuts_down_cleanly_with_a_report() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_mentions(&stdout, &["boot ms", "Rss"]);
 }
+
+#[test]
+fn memfd_backing_is_accounted_as_shmem_and_thp_advice_is_accepted() {
+    if !have_kvm("memfd_backing_is_accounted_as_shmem") {
+        return;
+    }
+    let (code, out, err) = run_small(&["--guests", "2", "--backing", "memfd", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let shmem = v["host_memory"]["shmem"].as_u64().unwrap();
+    assert!(shmem >= 2 * (3 << 20), "memfd guest RAM shows as Shmem: {shmem}");
+    for thp in ["on", "off"] {
+        let (code, _, err) = run_small(&["--thp", thp]);
+        assert_eq!(code, 0, "--thp {thp}: {err}");
+    }
+}
