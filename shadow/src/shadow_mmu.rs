@@ -242,6 +242,8 @@ pub struct ShadowMmu {
     /// Guest pages shadowed at more than one level: only these can close a loop, so the
     /// hardware walk skips its loop check while there are none.
     multi_level_gfns: usize,
+    /// TLB hits whose cached permissions refused the access (walked again).
+    tlb_denied: u64,
     stats: ShadowStats,
 }
 
@@ -266,6 +268,7 @@ impl ShadowMmu {
             pwc: LruCache::new(cfg.caches.walk_cache_entries, usize::MAX),
             check_loops: true,
             multi_level_gfns: 0,
+            tlb_denied: 0,
             stats: ShadowStats::default(),
         }
     }
@@ -286,6 +289,7 @@ impl ShadowMmu {
     pub fn stats(&self) -> ShadowStats {
         let mut s = self.stats;
         s.tlb = self.tlb.stats();
+        s.hits += s.tlb.hits - self.tlb_denied;
         s.tracked_pages = self.by_gfn.len() as u64;
         s.shadow_pages = (self.meta.len() - self.free.len()) as u64;
         s
@@ -315,7 +319,7 @@ impl ShadowMmu {
         self.stats.translations += 1;
         if let Some(e) = self.tlb.lookup(gva) {
             if e.perms.allows(access, &self.cfg.guest_mode) {
-                self.stats.hits += 1;
+                // Counted as a hit in `stats()` from the TLB's own count.
                 return Ok(ShadowTranslation {
                     hpa: e.page | (gva & e.size.offset_mask()),
                     size: e.size,
@@ -324,6 +328,7 @@ impl ShadowMmu {
                 });
             }
             self.tlb.invalidate_page(gva);
+            self.tlb_denied += 1;
         }
         self.translate_slow(mem, gva, access)
     }
