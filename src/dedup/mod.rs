@@ -1,7 +1,13 @@
 //! `memvirt dedup`: runs the userspace KSM engine (crate `ksm`) on synthetic regions,
 //! optionally side by side with the kernel's ksmd.
 
+mod plot;
+mod report;
+mod run;
+
 use clap::Args;
+
+pub use run::SystemResult;
 
 /// Command-line arguments of `memvirt dedup`.
 #[derive(Debug, Args)]
@@ -9,9 +15,213 @@ pub struct DedupArgs {
     /// Run on synthetic regions instead of guests.
     #[arg(long)]
     pub synthetic: bool,
+    /// Number of regions (think: identical guests).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub regions: u32,
+    /// Size of each region (bytes, or with K/M/G suffix).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub size: u64,
+    /// Percentages of identical, zero and unique pages: IDENT:ZERO:UNIQUE.
+    #[arg(long, default_value = "50:25:25", value_parser = parse_mix)]
+    pub mix: ksm::synth::Mix,
+    /// Page kinds interleaved at random (scattered) or in long runs (contiguous).
+    #[arg(long, default_value = "scattered", value_parser = parse_layout)]
+    pub layout: ksm::synth::Layout,
+    /// Merge backend: remap, madvise or hybrid.
+    #[arg(long, default_value = "remap", value_parser = ["remap", "madvise", "hybrid"])]
+    pub backend: String,
+    /// Hybrid backend: shortest run of pages remapped (shorter runs go to ksmd).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_run: u64,
+    /// Merge domains: all, region or zero-only.
+    #[arg(long, default_value = "all", value_parser = parse_domain)]
+    pub domain: ksm::DomainPolicy,
+    /// Background writers: pages per second written into random pages (0: none).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub writers: f64,
+    /// Number of writer threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub writer_threads: u32,
+    /// Length of each run in seconds (merging, then steady state).
+    #[arg(long, default_value_t = 10.0, value_parser = parse_duration)]
+    pub duration: f64,
+    /// Milliseconds between engine passes once merged (steady state).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=60000))]
+    pub interval_ms: u64,
+    /// Dirty-page source for plain regions: uffd (userfaultfd + PAGEMAP_SCAN) or none
+    /// (ksmd's rule: hash unchanged across two passes).
+    #[arg(long, default_value = "uffd", value_parser = ["uffd", "none"])]
+    pub dirty: String,
+    /// VMA budget as a percentage of vm.max_map_count.
+    #[arg(long, default_value_t = 80.0, value_parser = parse_pct)]
+    pub vma_budget: f64,
+    /// Raise vm.max_map_count to this for the run (root), restored afterwards.
+    #[arg(long)]
+    pub raise_max_map_count: Option<u64>,
+    /// ksmd's knobs for the madvise/hybrid backends: PAGES_TO_SCAN:SLEEP_MS.
+    #[arg(long, default_value = "100000:0", value_parser = parse_knobs)]
+    pub ksmd_knobs: (u64, u64),
+    /// Also run the same workload, fresh, under the kernel's ksmd alone:
+    /// ksmd[:PAGES_TO_SCAN:SLEEP_MS] (default 100000:0).
+    #[arg(long, value_parser = parse_compare)]
+    pub compare: Option<(u64, u64)>,
+    /// Engine worker threads (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Seed of the synthetic content.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print JSON (one object per system) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an SVG plot of saved MiB over time.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        format!("bad size {s:?}: expected bytes or a number with K, M or G, e.g. 256M")
+    })?;
+    let v = n
+        .checked_mul(mul)
+        .ok_or_else(|| format!("size {s:?} is too large"))?;
+    if v == 0 || v % 4096 != 0 {
+        return Err(format!("size {s:?} must be a positive multiple of 4 KiB"));
+    }
+    Ok(v)
+}
+
+fn parse_mix(s: &str) -> Result<ksm::synth::Mix, String> {
+    s.parse()
+}
+
+fn parse_layout(s: &str) -> Result<ksm::synth::Layout, String> {
+    s.parse()
+}
+
+fn parse_domain(s: &str) -> Result<ksm::DomainPolicy, String> {
+    s.parse()
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("bad rate {s:?}: expected pages per second, e.g. 5000"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("rate {s:?} must be a non-negative number"));
+    }
+    Ok(v)
+}
+
+fn parse_duration(s: &str) -> Result<f64, String> {
+    let t = s.trim_end_matches('s');
+    let v: f64 = t
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected seconds, e.g. 10 or 2.5s"))?;
+    if !v.is_finite() || v <= 0.0 || v > 86400.0 {
+        return Err(format!(
+            "duration {s:?} must be between 0 and 86400 seconds"
+        ));
+    }
+    Ok(v)
+}
+
+fn parse_pct(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("bad percentage {s:?}"))?;
+    if !(1.0..=100.0).contains(&v) {
+        return Err(format!("percentage {s:?} must be between 1 and 100"));
+    }
+    Ok(v)
+}
+
+fn parse_knobs(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once(':').ok_or_else(|| {
+        format!("bad ksmd knobs {s:?}: expected PAGES_TO_SCAN:SLEEP_MS, e.g. 100000:0")
+    })?;
+    let p: u64 = a
+        .parse()
+        .map_err(|_| format!("bad pages_to_scan {a:?} in {s:?}"))?;
+    let m: u64 = b
+        .parse()
+        .map_err(|_| format!("bad sleep_millisecs {b:?} in {s:?}"))?;
+    if p == 0 {
+        return Err(format!("pages_to_scan must be at least 1 in {s:?}"));
+    }
+    Ok((p, m))
+}
+
+fn parse_compare(s: &str) -> Result<(u64, u64), String> {
+    match s.strip_prefix("ksmd") {
+        Some("") => Ok((100_000, 0)),
+        Some(rest) if rest.starts_with(':') => parse_knobs(&rest[1..]),
+        _ => Err(format!(
+            "bad --compare {s:?}: expected ksmd or ksmd:PAGES_TO_SCAN:SLEEP_MS"
+        )),
+    }
 }
 
 /// Runs `memvirt dedup` with the given arguments.
 pub fn run(args: &DedupArgs) -> anyhow::Result<()> {
-    anyhow::bail!("memvirt dedup is not built yet (args: {args:?})")
+    if !args.synthetic {
+        anyhow::bail!("memvirt dedup needs --synthetic for now (merging live guests' memory is not built yet)");
+    }
+    if args.size * args.regions as u64 > 64 << 30 {
+        anyhow::bail!(
+            "--regions × --size = {} GiB: more than 64 GiB of synthetic memory",
+            (args.size * args.regions as u64) >> 30
+        );
+    }
+    if let Some(p) = &args.plot {
+        if p.extension().and_then(|e| e.to_str()) != Some("svg") {
+            anyhow::bail!("--plot {}: the file name must end in .svg", p.display());
+        }
+    }
+    let mut results = Vec::new();
+    results.push(run::run_engine(args)?);
+    if let Some((pages, sleep)) = args.compare {
+        results.push(run::run_ksmd(args, pages, sleep)?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        report::print_table(args, &results);
+    }
+    if let Some(p) = &args.plot {
+        plot::plot(p, &results)?;
+        if !args.json {
+            println!("plot written to {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_inputs() {
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("10").is_err());
+        assert!(parse_size("xM").is_err());
+        assert_eq!(parse_compare("ksmd").unwrap(), (100_000, 0));
+        assert_eq!(parse_compare("ksmd:100:20").unwrap(), (100, 20));
+        assert!(parse_compare("ksm").is_err());
+        assert!(parse_compare("ksmd:0:1").is_err());
+        assert!(parse_mix("50:25:20").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert_eq!(parse_duration("2.5s").unwrap(), 2.5);
+    }
 }
