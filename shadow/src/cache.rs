@@ -532,6 +532,11 @@ impl Tlb {
         }
     }
 
+    /// Forgets the hit and miss counts (contents are kept).
+    pub fn reset_stats(&mut self) {
+        self.stats = CacheStats::default();
+    }
+
     /// Hits and misses of the whole TLB (a hit in either level is a hit).
     pub fn stats(&self) -> CacheStats {
         self.stats

@@ -437,6 +437,15 @@ impl NestedMmu {
         self.host.npwc.clear();
     }
 
+    /// Forgets every counter (caches keep their contents): for measuring a steady state.
+    pub fn reset_stats(&mut self) {
+        self.stats = NestedStats::default();
+        self.tlb.reset_stats();
+        self.host.stats_ntlb = CacheStats::default();
+        self.host.stats_npwc = CacheStats::default();
+        self.host.host_refs = 0;
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> NestedStats {
         let mut s = self.stats;

@@ -295,6 +295,13 @@ impl ShadowMmu {
         s
     }
 
+    /// Forgets every counter (shadow pages and caches are kept): for a steady state.
+    pub fn reset_stats(&mut self) {
+        self.stats = ShadowStats::default();
+        self.tlb.reset_stats();
+        self.tlb_denied = 0;
+    }
+
     /// Whether the guest page containing `gpa` is write-tracked.
     pub fn is_tracked(&self, gpa: u64) -> bool {
         self.by_gfn.contains_key(&(gpa & !0xfff))

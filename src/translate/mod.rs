@@ -42,6 +42,10 @@ pub struct TranslateArgs {
     /// Seed of the trace.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Accesses to run first, unmeasured, so the results describe a warm steady state
+    /// (0: measure from the first touch, cold shadow tables and caches included).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
     /// Use 5-level guest and host tables (LA57 and 5-level EPT).
     #[arg(long)]
     pub five_level: bool,
@@ -103,6 +107,7 @@ pub fn run(args: &TranslateArgs) -> anyhow::Result<()> {
     let mut spec = WorkloadSpec::new(kind, working_set, guest_page, args.accesses);
     spec.seed = args.seed;
     spec.la57 = args.five_level;
+    spec.warmup = args.warmup;
     let caches = CacheConfig::default();
     let unsync = !args.no_unsync;
     let talk = !args.json && std::io::stderr().is_terminal();
@@ -171,13 +176,14 @@ fn print_text(r: &Report, n: &shadow::workload::RunOutcome, s: &shadow::ShadowSt
     println!("in-guest timing: {}", h.in_guest_timing);
     let w = &r.workload;
     println!(
-        "workload {}: working set {}, guest pages {}, host pages {}, {}-level tables, {} accesses, seed {}",
+        "workload {}: working set {}, guest pages {}, host pages {}, {}-level tables, {} accesses after {} warm-up, seed {}",
         w.kind.as_str(),
         format_bytes(w.working_set),
         w.guest_page,
         r.host_pages,
         if w.la57 { 5 } else { 4 },
         w.accesses,
+        w.warmup,
         w.seed
     );
     println!(
