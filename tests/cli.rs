@@ -257,7 +257,10 @@ fn ctrl_c_during_hold_shuts_down_cleanly_with_a_report() {
     let mut line = String::new();
     while !line.contains("holding") {
         line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "memvirt ended before holding");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "memvirt ended before holding"
+        );
     }
     let started = std::time::Instant::now();
     nix::sys::signal::kill(
@@ -266,7 +269,11 @@ fn ctrl_c_during_hold_shuts_down_cleanly_with_a_report() {
     )
     .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "clean exit after Ctrl-C: {:?}", out.status);
+    assert!(
+        out.status.success(),
+        "clean exit after Ctrl-C: {:?}",
+        out.status
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_mentions(&stdout, &["boot ms", "Rss"]);
@@ -281,7 +288,10 @@ fn memfd_backing_is_accounted_as_shmem_and_thp_advice_is_accepted() {
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let shmem = v["host_memory"]["shmem"].as_u64().unwrap();
-    assert!(shmem >= 2 * (3 << 20), "memfd guest RAM shows as Shmem: {shmem}");
+    assert!(
+        shmem >= 2 * (3 << 20),
+        "memfd guest RAM shows as Shmem: {shmem}"
+    );
     for thp in ["on", "off"] {
         let (code, _, err) = run_small(&["--thp", thp]);
         assert_eq!(code, 0, "--thp {thp}: {err}");
