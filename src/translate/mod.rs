@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 use shadow::workload::{run_nested, run_shadow, WorkloadKind, WorkloadSpec};
-use shadow::{CacheConfig, PageSize};
+use shadow::{CacheConfig, PageSize, TlbConfig};
 use std::io::IsTerminal;
 
 /// Command-line arguments of `memvirt translate`.
@@ -52,6 +52,24 @@ pub struct TranslateArgs {
     /// Disable unsync of last-level shadow pages (every tracked write exits and zaps).
     #[arg(long)]
     pub no_unsync: bool,
+    /// L1 TLB entries (fully associative, all page sizes). Default: AMD Barcelona's 48.
+    #[arg(long, default_value_t = 48)]
+    pub tlb_l1: usize,
+    /// L2 TLB entries for 4 KiB pages (4-way). Default: Barcelona's 512.
+    #[arg(long, default_value_t = 512)]
+    pub tlb_l2_4k: usize,
+    /// L2 TLB entries for 2 MiB pages (4-way). Default: Barcelona's 128.
+    #[arg(long, default_value_t = 128)]
+    pub tlb_l2_2m: usize,
+    /// Page walk (paging-structure) cache entries. Default: 24 (Bhargava et al. 2008).
+    #[arg(long, default_value_t = 24)]
+    pub walk_cache: usize,
+    /// Nested TLB entries (nested path). Default: 16 (Bhargava et al. 2008).
+    #[arg(long, default_value_t = 16)]
+    pub nested_tlb: usize,
+    /// Nested paging-structure cache entries (nested path). Default: 24.
+    #[arg(long, default_value_t = 24)]
+    pub nested_walk_cache: usize,
     /// Cost of one VM exit in ns instead of measuring it with a live guest.
     #[arg(long)]
     pub exit_ns: Option<f64>,
@@ -108,7 +126,18 @@ pub fn run(args: &TranslateArgs) -> anyhow::Result<()> {
     spec.seed = args.seed;
     spec.la57 = args.five_level;
     spec.warmup = args.warmup;
-    let caches = CacheConfig::default();
+    let caches = CacheConfig {
+        tlb: TlbConfig {
+            l1_entries: args.tlb_l1,
+            l1_ways: args.tlb_l1,
+            l2_4k_entries: args.tlb_l2_4k,
+            l2_2m_entries: args.tlb_l2_2m,
+            l2_ways: 4,
+        },
+        walk_cache_entries: args.walk_cache,
+        nested_tlb_entries: args.nested_tlb,
+        nested_walk_cache_entries: args.nested_walk_cache,
+    };
     let unsync = !args.no_unsync;
     let talk = !args.json && std::io::stderr().is_terminal();
 
@@ -187,7 +216,7 @@ fn print_text(r: &Report, n: &shadow::workload::RunOutcome, s: &shadow::ShadowSt
         w.seed
     );
     println!(
-        "caches: TLB {} L1 + {}/{} L2, walk cache {}, nested TLB {}, nested walk cache {} (AMD Barcelona sizes, as in Bhargava et al., ASPLOS 2008)",
+        "caches: TLB {} L1 + {}/{} L2, walk cache {}, nested TLB {}, nested walk cache {} (defaults: AMD Barcelona sizes, as in Bhargava et al., ASPLOS 2008)",
         r.caches.tlb.l1_entries,
         r.caches.tlb.l2_4k_entries,
         r.caches.tlb.l2_2m_entries,
