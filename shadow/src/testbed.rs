@@ -129,6 +129,16 @@ impl Machine {
         levels: u8,
         host_page: PageSize,
     ) -> Result<NestedTables, MachineError> {
+        self.build_nested_as(levels, host_page, EntryFormat::Ept)
+    }
+
+    /// Builds host tables in `format` (EPT, or x86 format as AMD NPT uses).
+    pub fn build_nested_as(
+        &mut self,
+        levels: u8,
+        host_page: PageSize,
+        format: EntryFormat,
+    ) -> Result<NestedTables, MachineError> {
         let map = self.vm.map().clone();
         Ok(NestedTables::build(
             self.vm.host_mut(),
@@ -136,7 +146,7 @@ impl Machine {
             &map,
             levels,
             host_page,
-            EntryFormat::Ept,
+            format,
         )?)
     }
 

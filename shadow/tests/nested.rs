@@ -236,3 +236,28 @@ fn invlpg_drops_every_splinter_of_a_guest_large_page() {
         );
     }
 }
+
+#[test]
+fn npt_format_host_tables_walk_the_same() {
+    use shadow::{EntryFormat, NestedConfig, NestedMmu};
+    let mut m = machine(false);
+    let pt = m.new_address_space().unwrap();
+    let va = 0x7000_0000u64;
+    m.map(&pt, va, 0x30_0000, PageSize::Size4K, MapFlags::ALL)
+        .unwrap();
+    for (host, refs) in [(PageSize::Size4K, 24), (PageSize::Size2M, 19)] {
+        let npt = m.build_nested_as(4, host, EntryFormat::X86).unwrap();
+        let mut n = NestedMmu::new(
+            NestedConfig {
+                guest_mode: m.mode,
+                caches: CacheConfig::NONE,
+            },
+            npt,
+            pt.root(),
+        );
+        let t = n
+            .translate(m.vm.host(), va + 0x10, Access::write())
+            .unwrap();
+        assert_eq!((t.hpa, t.refs), (HOST_RAM_BASE + 0x30_0010, refs));
+    }
+}
