@@ -676,9 +676,13 @@ impl Engine {
                 {
                     j += 1;
                 }
-                let need_pm = work[i..j]
-                    .iter()
-                    .any(|&p| self.flags[p as usize] & (MERGED | ZERO_DONE) != 0);
+                // A full pass also asks pagemap which pages hold memory at all: a page
+                // never touched (not present, not swapped) reads as zero but holds
+                // nothing, so reclaiming it would save nothing; it is left alone.
+                let need_pm = full
+                    || work[i..j]
+                        .iter()
+                        .any(|&p| self.flags[p as usize] & (MERGED | ZERO_DONE) != 0);
                 if need_pm {
                     self.pagemap
                         .read(self.addr(p0), j - i, pm)
@@ -713,6 +717,9 @@ impl Engine {
                         self.flags[p] &= !ZERO_DONE;
                         self.zero_pages -= 1;
                         self.regions[r].stats.zero -= 1;
+                    }
+                    if need_pm && pm[k] & (sys::PM_PRESENT | sys::PM_SWAP) == 0 {
+                        continue; // untouched: no memory to save
                     }
                     to_hash.push(p as u32);
                 }

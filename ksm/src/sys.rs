@@ -156,6 +156,8 @@ pub struct Pagemap {
 
 /// Bit 63 of a pagemap entry: page present.
 pub const PM_PRESENT: u64 = 1 << 63;
+/// Bit 62 of a pagemap entry: page swapped out.
+pub const PM_SWAP: u64 = 1 << 62;
 /// Bit 61: page is a file page or shared anonymous.
 pub const PM_FILE: u64 = 1 << 61;
 

@@ -248,3 +248,56 @@ fn contiguous_runs_coalesce_into_few_mappings() {
         "{added} new mappings for {runs} merged pages"
     );
 }
+
+#[test]
+fn untouched_pages_are_neither_read_in_nor_counted_as_saved() {
+    // 64 pages of fresh anonymous memory: 8 written with zeros, 8 with one value, the
+    // rest never touched. Untouched pages hold no memory, so merging them saves nothing.
+    let len = 64 * 4096;
+    let base = ksm::sys::map_anon(len).expect("map");
+    for p in 0..16 {
+        // SAFETY: inside the mapping just created.
+        unsafe { *base.add(p * 4096) = if p < 8 { 0 } else { 7 } };
+    }
+    let spec = ksm::RegionSpec {
+        addr: base as usize,
+        len,
+        label: "fresh".into(),
+        domain: 0,
+    };
+    // SAFETY: the mapping is private, ours, and outlives the engine.
+    let mut e = unsafe {
+        ksm::Engine::new(
+            cfg(ksm::Backend::Remap, ksm::DomainPolicy::All),
+            vec![spec],
+            hooks_default(),
+        )
+    }
+    .expect("engine");
+    for _ in 0..3 {
+        e.scan().unwrap();
+    }
+    let st = e.stats();
+    // 8 zero pages reclaimed, 8 identical pages merged into one store page: 15 saved.
+    assert_eq!(st.ksm_zero_pages, 8, "{st:#?}");
+    assert_eq!((st.pages_shared, st.pages_sharing), (1, 7), "{st:#?}");
+    assert_eq!(
+        e.progress()
+            .saved_pages
+            .load(std::sync::atomic::Ordering::Relaxed),
+        15
+    );
+    let mut vec = vec![0u8; 64];
+    // SAFETY: mincore over our own mapping with one byte per page.
+    assert_eq!(
+        unsafe { libc::mincore(base.cast(), len, vec.as_mut_ptr()) },
+        0
+    );
+    assert!(
+        vec[16..].iter().all(|b| b & 1 == 0),
+        "untouched pages stay untouched"
+    );
+    drop(e);
+    // SAFETY: unmapping what we mapped, after the engine is gone.
+    unsafe { libc::munmap(base.cast(), len) };
+}

@@ -140,12 +140,14 @@ fn hybrid_run_panicking_midway_restores_ksm_sysfs() {
         e.scan().unwrap();
         assert!(e.stats().pages_hinted > 0);
         assert_ne!(ksm_knobs_snapshot(), before);
-        // Make the next pass hold again: rewrite pages so they are merged again.
+        // A second engine on fresh regions, whose first hold panics midway through
+        // hinting, while the first engine's knobs are still set.
+        let w2 = workload(2, 4, "50:25:25", Layout::Scattered, 24);
         let hooks2 = Hooks {
             hold: Arc::new(Panicking(AtomicU32::new(0), 1)),
             ..Hooks::default()
         };
-        let mut e2 = engine(&w, cfg(Backend::Madvise, DomainPolicy::All), hooks2);
+        let mut e2 = engine(&w2, cfg(Backend::Madvise, DomainPolicy::All), hooks2);
         e2.scan().unwrap();
         e2.scan().unwrap();
     }));
