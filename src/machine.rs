@@ -201,7 +201,7 @@ pub struct Guest {
     pub id: usize,
     vcpus: Vec<VcpuHandle>,
     bus: Arc<GuestBus>,
-    vm: Vm,
+    vm: Arc<Vm>,
     mem: GuestMemoryMmap,
     /// The profile the guest applies.
     pub profile: Profile,
@@ -247,7 +247,7 @@ impl Guest {
         params.error_code = config.error_code;
         load("parameters", params.write_to(&mem))?;
 
-        let mut vm = Vm::new(kvm).map_err(|source| MachineError::Vm { guest: id, source })?;
+        let vm = Vm::new(kvm).map_err(|source| MachineError::Vm { guest: id, source })?;
         vm.register_regions(&regions(&mem))
             .map_err(|source| MachineError::Vm { guest: id, source })?;
         let mut pending = Vec::new();
@@ -279,7 +279,7 @@ impl Guest {
             id,
             vcpus: Vec::new(),
             bus,
-            vm,
+            vm: Arc::new(vm),
             mem,
             profile: profile.clone(),
             pending,
@@ -373,9 +373,14 @@ impl Guest {
         &self.vm
     }
 
-    /// The KVM VM, mutably (switching dirty logging).
-    pub fn vm_mut(&mut self) -> &mut Vm {
-        &mut self.vm
+    /// A shared handle to the KVM VM, for threads that read its dirty log.
+    pub fn vm_handle(&self) -> Arc<Vm> {
+        self.vm.clone()
+    }
+
+    /// Handles that pause and resume the guest's vCPUs from any thread.
+    pub fn vcpu_controls(&self) -> Vec<crate::vstate::vcpu::VcpuControl> {
+        self.vcpus.iter().map(|v| v.control()).collect()
     }
 
     /// VM exits so far, by kind.

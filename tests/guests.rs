@@ -195,7 +195,7 @@ fn dirty_log_holds_the_pages_the_guest_wrote_and_no_others() {
         tx,
     )
     .unwrap();
-    g.vm_mut().set_dirty_logging(0, true).unwrap();
+    g.vm().set_dirty_logging(0, true).unwrap();
     g.start().unwrap();
     let deadline = Instant::now() + WAIT;
     loop {

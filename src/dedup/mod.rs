@@ -1,9 +1,11 @@
-//! `memvirt dedup`: runs the userspace KSM engine (crate `ksm`) on synthetic regions,
-//! optionally side by side with the kernel's ksmd.
+//! `memvirt dedup`: runs the userspace KSM engine (crate `ksm`) on synthetic regions
+//! or on the RAM of live guests, optionally side by side with the kernel's ksmd.
 
+pub mod guests;
 mod plot;
 mod report;
 mod run;
+pub mod subject;
 
 use clap::Args;
 
@@ -13,13 +15,19 @@ pub use run::SystemResult;
 #[derive(Debug, Args)]
 pub struct DedupArgs {
     /// Run on synthetic regions instead of guests.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "guests")]
     pub synthetic: bool,
+    /// Run on the RAM of this many live built-in guests (default profile).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub guests: Option<u32>,
+    /// Guest RAM per guest with --guests (K/M/G suffixes).
+    #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
+    pub mem: u64,
     /// Number of regions (think: identical guests).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub regions: u32,
     /// Size of each region (bytes, or with K/M/G suffix).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
     pub size: u64,
     /// Percentages of identical, zero and unique pages: IDENT:ZERO:UNIQUE.
     #[arg(long, default_value = "50:25:25", value_parser = parse_mix)]
@@ -77,26 +85,6 @@ pub struct DedupArgs {
     /// Write an SVG plot of saved MiB over time.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<std::path::PathBuf>,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mul) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| {
-        format!("bad size {s:?}: expected bytes or a number with K, M or G, e.g. 256M")
-    })?;
-    let v = n
-        .checked_mul(mul)
-        .ok_or_else(|| format!("size {s:?} is too large"))?;
-    if v == 0 || v % 4096 != 0 {
-        return Err(format!("size {s:?} must be a positive multiple of 4 KiB"));
-    }
-    Ok(v)
 }
 
 fn parse_mix(s: &str) -> Result<ksm::synth::Mix, String> {
@@ -171,12 +159,45 @@ fn parse_compare(s: &str) -> Result<(u64, u64), String> {
     }
 }
 
+/// The host facts printed next to the timings: the translation mode always, and the
+/// measured guest speed when guests ran.
+fn host_line(guests: bool) -> String {
+    let mode = crate::probe::translation_mode().as_str();
+    if !guests {
+        return format!("host: translation {mode} (no guest code runs in --synthetic)");
+    }
+    match crate::probe::calibrate_guest() {
+        Ok(c) => format!(
+            "host: translation {mode}, guest execution {} ({:.0} ns/instruction, {:.1} µs per VM exit; measured)",
+            c.execution.as_str(),
+            c.ns_per_instruction,
+            c.exit_ns / 1e3
+        ),
+        Err(e) => format!("host: translation {mode}, guest speed not measured ({e})"),
+    }
+}
+
 /// Runs `memvirt dedup` with the given arguments.
 pub fn run(args: &DedupArgs) -> anyhow::Result<()> {
-    if !args.synthetic {
-        anyhow::bail!("memvirt dedup needs --synthetic for now (merging live guests' memory is not built yet)");
+    let guests = match (args.synthetic, args.guests) {
+        (true, _) => None,
+        (false, Some(n)) => Some(n as usize),
+        (false, None) => anyhow::bail!(
+            "memvirt dedup needs --synthetic (synthetic regions) or --guests N (live guests)"
+        ),
+    };
+    if guests.is_none() && (args.size == 0 || !args.size.is_multiple_of(ksm::PAGE_SIZE as u64)) {
+        anyhow::bail!(
+            "--size {}: expected a non-zero multiple of 4 KiB",
+            crate::units::format_bytes(args.size)
+        );
     }
-    if args.size * args.regions as u64 > 64 << 30 {
+    if guests.is_some() && args.writers > 0.0 {
+        anyhow::bail!(
+            "--writers applies to --synthetic regions only; guests write their own memory"
+        );
+    }
+    if guests.is_none() && args.size * args.regions as u64 > 64 << 30 {
         anyhow::bail!(
             "--regions × --size = {} GiB: more than 64 GiB of synthetic memory",
             (args.size * args.regions as u64) >> 30
@@ -187,15 +208,22 @@ pub fn run(args: &DedupArgs) -> anyhow::Result<()> {
             anyhow::bail!("--plot {}: the file name must end in .svg", p.display());
         }
     }
+    // Each system gets a fresh subject; the previous one is gone before the next is made.
+    let make = || -> anyhow::Result<Box<dyn subject::Subject>> {
+        Ok(match guests {
+            Some(n) => Box::new(guests::Guests::boot(args, n)?),
+            None => Box::new(subject::Synthetic::new(args)?),
+        })
+    };
     let mut results = Vec::new();
-    results.push(run::run_engine(args)?);
+    results.push(run::run_engine(args, &*make()?)?);
     if let Some((pages, sleep)) = args.compare {
-        results.push(run::run_ksmd(args, pages, sleep)?);
+        results.push(run::run_ksmd(args, &*make()?, pages, sleep)?);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
-        report::print_table(args, &results);
+        report::print_table(args, &results, &host_line(guests.is_some()));
     }
     if let Some(p) = &args.plot {
         plot::plot(p, &results)?;
@@ -212,10 +240,6 @@ mod tests {
 
     #[test]
     fn parses_inputs() {
-        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("10").is_err());
-        assert!(parse_size("xM").is_err());
         assert_eq!(parse_compare("ksmd").unwrap(), (100_000, 0));
         assert_eq!(parse_compare("ksmd:100:20").unwrap(), (100, 20));
         assert!(parse_compare("ksm").is_err());

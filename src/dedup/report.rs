@@ -13,8 +13,14 @@ fn mib(b: i64) -> String {
 }
 
 /// Prints the results side by side.
-pub fn print_table(args: &DedupArgs, rs: &[SystemResult]) {
-    println!(
+pub fn print_table(args: &DedupArgs, rs: &[SystemResult], host: &str) {
+    if let (Some(_), Some(r)) = (args.guests, rs.first()) {
+        println!(
+            "memvirt dedup --guests: {}, domain {}, {} s per run",
+            r.subject, args.domain, args.duration
+        );
+    } else {
+        println!(
         "memvirt dedup --synthetic: {} regions × {} MiB, mix {}:{}:{}, layout {:?}, domain {}, writers {} pages/s, {} s per run",
         args.regions,
         args.size >> 20,
@@ -25,7 +31,9 @@ pub fn print_table(args: &DedupArgs, rs: &[SystemResult]) {
         args.domain,
         args.writers,
         args.duration
-    );
+        );
+    }
+    println!("{host}");
     let w = 26;
     let line = |name: &str, f: &dyn Fn(&SystemResult) -> String| {
         print!("{name:<34}");

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use ksm::stats::{Agreement, KernelKsm};
-use ksm::synth::{Spec, Workload, Writers};
-use ksm::{sys, Backend, Config, DomainPolicy, Engine, Hooks, KsmdSettings, WriterGate, PAGE_SIZE};
+use ksm::{sys, Backend, Config, DomainPolicy, Engine, Hooks, KsmdSettings, PAGE_SIZE};
 use serde::Serialize;
 
+use super::subject::Subject;
 use super::DedupArgs;
 
 /// One sample of a run's timeline.
@@ -43,7 +43,10 @@ pub struct SystemResult {
     pub lost_writes: u64,
     // details
     pub backend: String,
-    pub layout: ksm::synth::Layout,
+    /// The synthetic layout (None for guests).
+    pub layout: Option<ksm::synth::Layout>,
+    /// What was merged.
+    pub subject: String,
     pub domain: DomainPolicy,
     pub total_bytes: u64,
     pub duration_s: f64,
@@ -129,25 +132,6 @@ fn progress_bar(args: &DedupArgs, what: &str) -> Option<ProgressBar> {
     Some(pb)
 }
 
-fn workload(args: &DedupArgs, pb: &Option<ProgressBar>) -> anyhow::Result<Workload> {
-    if let Some(pb) = pb {
-        pb.set_message(format!(
-            "filling {} × {} MiB ({:?})",
-            args.regions,
-            args.size >> 20,
-            args.layout
-        ));
-    }
-    let spec = Spec {
-        regions: args.regions as usize,
-        region_bytes: args.size as usize,
-        mix: args.mix,
-        layout: args.layout,
-        seed: args.seed,
-    };
-    Workload::new(spec).context("mapping and filling the synthetic regions")
-}
-
 /// Saving as the kernel's counters show it, cheap enough to sample every few ms: the drop
 /// of the process's resident anonymous + shmem pages (/proc/self/status) plus the pages
 /// KSM says it saves (/sys/kernel/mm/ksm). The final figure is checked against the Pss
@@ -176,7 +160,7 @@ fn summarize(
     system: String,
     backend: &str,
     args: &DedupArgs,
-    w: &Workload,
+    w: &dyn Subject,
     achievable: u64,
     timeline: Vec<Sample>,
     cpu_s: f64,
@@ -220,7 +204,8 @@ fn summarize(
         steady_cpu_pct: steady.map(|s| s.0),
         lost_writes: lost,
         backend: backend.to_string(),
-        layout: args.layout,
+        layout: args.synthetic.then_some(args.layout),
+        subject: w.describe(),
         domain: args.domain,
         total_bytes: w.total_bytes(),
         duration_s: end,
@@ -244,7 +229,7 @@ fn summarize(
 }
 
 /// The engine's run.
-pub fn run_engine(args: &DedupArgs) -> anyhow::Result<SystemResult> {
+pub fn run_engine(args: &DedupArgs, w: &dyn Subject) -> anyhow::Result<SystemResult> {
     let backend = match args.backend.as_str() {
         "remap" => Backend::Remap,
         "madvise" => Backend::Madvise,
@@ -254,22 +239,7 @@ pub fn run_engine(args: &DedupArgs) -> anyhow::Result<SystemResult> {
     };
     let system = format!("memvirt-{}", backend.name());
     let pb = progress_bar(args, &system);
-    let w = workload(args, &pb)?;
-    let gate = Arc::new(WriterGate::new(w.spec.regions));
-    let dirty: Option<Box<dyn ksm::DirtySource>> = match args.dirty.as_str() {
-        "uffd" => {
-            match ksm::UffdDirty::new() {
-                Ok(d) => Some(Box::new(d)),
-                Err(e) => {
-                    if !args.json {
-                        eprintln!("note: no userfaultfd dirty tracking ({e}); using the two-pass hash rule");
-                    }
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
+    let dirty = w.dirty(args);
     let cfg = Config {
         backend,
         policy: args.domain,
@@ -284,11 +254,11 @@ pub fn run_engine(args: &DedupArgs) -> anyhow::Result<SystemResult> {
     };
     let hooks = Hooks {
         dirty,
-        hold: gate.clone(),
+        hold: w.hold(),
         ..Hooks::default()
     };
-    // SAFETY: the workload's regions are private anonymous mappings owned by `w`, which
-    // outlives the engine (dropped at the end of this function, after the engine).
+    // SAFETY: the subject's regions are private mappings owned by `w`, which outlives
+    // the engine (the engine is dropped at the end of this function; `w` is borrowed).
     let engine =
         unsafe { Engine::new(cfg, w.region_specs(), hooks) }.context("starting the engine")?;
     let engine = Arc::new(Mutex::new(engine));
@@ -342,15 +312,7 @@ pub fn run_engine(args: &DedupArgs) -> anyhow::Result<SystemResult> {
     };
     let t0 = Instant::now();
     let sampler = Sampler::start(t0, measured_fn(k0), claimed_fn.clone(), cpu_fn.clone());
-    let writers = (args.writers > 0.0).then(|| {
-        Writers::start(
-            &w,
-            gate.clone(),
-            args.writer_threads as usize,
-            args.writers,
-            None,
-        )
-    });
+    let writers = w.start_writers(args);
     let mut passes = 0u64;
     let mut first_pass_s = None;
     let mut converged = false;
@@ -373,7 +335,7 @@ pub fn run_engine(args: &DedupArgs) -> anyhow::Result<SystemResult> {
             // then one pass per interval.
             // With a dirty source, an incremental pass that looked at under 5% of the pages
             // is steady state too (writers keep some pages changing for ever).
-            let total_pages = (args.size / PAGE_SIZE as u64) * args.regions as u64;
+            let total_pages = w.total_bytes() / PAGE_SIZE as u64;
             if !converged
                 && passes >= 2
                 && ((rep.merged == 0 && rep.zero_reclaimed == 0 && rep.hinted == 0)
@@ -418,7 +380,7 @@ pub fn run_engine(args: &DedupArgs) -> anyhow::Result<SystemResult> {
         system,
         backend.name(),
         args,
-        &w,
+        w,
         achievable,
         timeline,
         cpu,
@@ -431,16 +393,18 @@ pub fn run_engine(args: &DedupArgs) -> anyhow::Result<SystemResult> {
         first_pass_s,
     );
     drop(engine);
-    drop(w);
     Ok(r)
 }
 
 /// The same workload, fresh, under the kernel's ksmd alone.
-pub fn run_ksmd(args: &DedupArgs, pages: u64, sleep: u64) -> anyhow::Result<SystemResult> {
+pub fn run_ksmd(
+    args: &DedupArgs,
+    w: &dyn Subject,
+    pages: u64,
+    sleep: u64,
+) -> anyhow::Result<SystemResult> {
     let system = format!("ksmd {pages}:{sleep}");
     let pb = progress_bar(args, &system);
-    let w = workload(args, &pb)?;
-    let gate = Arc::new(WriterGate::new(w.spec.regions));
     // ksmd merges across everything it is given: the domain policy cannot apply.
     let achievable = w.achievable_pages(DomainPolicy::All);
     let knobs = ksm::restore::KsmdKnobs::start(pages, sleep, None)
@@ -464,15 +428,7 @@ pub fn run_ksmd(args: &DedupArgs, pages: u64, sleep: u64) -> anyhow::Result<Syst
             .context("MADV_MERGEABLE")?;
     }
     let sampler = Sampler::start(t0, measured_fn(k0), claimed_fn.clone(), cpu_fn.clone());
-    let writers = (args.writers > 0.0).then(|| {
-        Writers::start(
-            &w,
-            gate.clone(),
-            args.writer_threads as usize,
-            args.writers,
-            None,
-        )
-    });
+    let writers = w.start_writers(args);
     while t0.elapsed().as_secs_f64() < args.duration {
         std::thread::sleep(Duration::from_millis(100));
         if let Some(pb) = &pb {
@@ -494,10 +450,9 @@ pub fn run_ksmd(args: &DedupArgs, pages: u64, sleep: u64) -> anyhow::Result<Syst
         pb.finish_and_clear();
     }
     let mut r = summarize(
-        system, "ksmd", args, &w, achievable, timeline, cpu, claimed, before, after, writes, None,
+        system, "ksmd", args, w, achievable, timeline, cpu, claimed, before, after, writes, None,
         0, None,
     );
     r.domain = DomainPolicy::All;
-    drop(w);
     Ok(r)
 }

@@ -54,6 +54,59 @@ struct Shared {
     pthread: Mutex<Option<libc::pthread_t>>,
 }
 
+/// A cloneable handle that pauses and resumes one vCPU from any thread (the dedup
+/// engine's "hold the writers still" hook uses it).
+#[derive(Clone)]
+pub struct VcpuControl {
+    shared: Arc<Shared>,
+}
+
+impl VcpuControl {
+    /// The current state.
+    pub fn state(&self) -> VcpuState {
+        self.shared.state.lock().expect("vcpu state").clone()
+    }
+
+    fn wait_for(&self, pred: impl Fn(&VcpuState) -> bool, timeout: Duration) -> bool {
+        let guard = self.shared.state.lock().expect("vcpu state");
+        let (_g, res) = self
+            .shared
+            .changed
+            .wait_timeout_while(guard, timeout, |s| !pred(s))
+            .expect("vcpu state");
+        !res.timed_out()
+    }
+
+    fn kick(&self) {
+        if let Some(t) = *self.shared.pthread.lock().expect("pthread") {
+            // SAFETY: t is the pthread of our own vCPU thread, alive until joined;
+            // the signal's handler is installed and does nothing.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Asks the vCPU to park and returns once it is still (paused, halted, stopped or
+    /// failed). Returns how long that took.
+    pub fn pause(&self) -> Duration {
+        let start = Instant::now();
+        {
+            let _g = self.shared.state.lock().expect("vcpu state");
+            self.shared.request.store(REQ_PAUSE, Ordering::Release);
+        }
+        while !self.wait_for(VcpuState::is_still, Duration::from_millis(1)) {
+            self.kick();
+        }
+        start.elapsed()
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        let _g = self.shared.state.lock().expect("vcpu state");
+        self.shared.request.store(REQ_RUN, Ordering::Release);
+        self.shared.changed.notify_all();
+    }
+}
+
 /// A handle to a running vCPU thread.
 pub struct VcpuHandle {
     index: usize,
@@ -111,7 +164,9 @@ impl VcpuHandle {
             fd,
             thread: Some(thread),
         };
-        handle.wait_for(|s| *s != VcpuState::Created, Duration::from_secs(10));
+        handle
+            .control()
+            .wait_for(|s| *s != VcpuState::Created, Duration::from_secs(10));
         Ok(handle)
     }
 
@@ -125,41 +180,21 @@ impl VcpuHandle {
         self.shared.tid.load(Ordering::Acquire)
     }
 
+    /// A cloneable pause/resume handle.
+    pub fn control(&self) -> VcpuControl {
+        VcpuControl {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// The current state.
     pub fn state(&self) -> VcpuState {
-        self.shared.state.lock().expect("vcpu state").clone()
+        self.control().state()
     }
 
-    fn wait_for(&self, pred: impl Fn(&VcpuState) -> bool, timeout: Duration) -> bool {
-        let guard = self.shared.state.lock().expect("vcpu state");
-        let (_g, res) = self
-            .shared
-            .changed
-            .wait_timeout_while(guard, timeout, |s| !pred(s))
-            .expect("vcpu state");
-        !res.timed_out()
-    }
-
-    fn kick(&self) {
-        if let Some(t) = *self.shared.pthread.lock().expect("pthread") {
-            // SAFETY: t is the pthread of our own vCPU thread, alive until joined;
-            // the signal's handler is installed and does nothing.
-            unsafe { libc::pthread_kill(t, kick_signal()) };
-        }
-    }
-
-    /// Asks the vCPU to park and returns once it is still (paused, halted, stopped or
-    /// failed). Returns how long that took.
+    /// Asks the vCPU to park; see [`VcpuControl::pause`].
     pub fn pause(&self) -> Duration {
-        let start = Instant::now();
-        {
-            let _g = self.shared.state.lock().expect("vcpu state");
-            self.shared.request.store(REQ_PAUSE, Ordering::Release);
-        }
-        while !self.wait_for(VcpuState::is_still, Duration::from_millis(1)) {
-            self.kick();
-        }
-        start.elapsed()
+        self.control().pause()
     }
 
     /// Runs `f` on the vCPU's file descriptor (e.g. `KVM_TRANSLATE`, register reads)
@@ -180,9 +215,7 @@ impl VcpuHandle {
 
     /// Lets a paused vCPU run again.
     pub fn resume(&self) {
-        let _g = self.shared.state.lock().expect("vcpu state");
-        self.shared.request.store(REQ_RUN, Ordering::Release);
-        self.shared.changed.notify_all();
+        self.control().resume()
     }
 
     /// Stops the thread and waits for it.
@@ -192,11 +225,12 @@ impl VcpuHandle {
             self.shared.request.store(REQ_STOP, Ordering::Release);
             self.shared.changed.notify_all();
         }
-        while !self.wait_for(
+        let c = self.control();
+        while !c.wait_for(
             |s| matches!(s, VcpuState::Stopped | VcpuState::Failed(_)),
             Duration::from_millis(1),
         ) {
-            self.kick();
+            c.kick();
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();

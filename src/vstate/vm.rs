@@ -70,10 +70,11 @@ pub struct Memslot {
     pub dirty_log: bool,
 }
 
-/// A KVM VM and its memslots.
+/// A KVM VM and its memslots. Shared between threads (`Arc<Vm>`): the dedup engine
+/// reads the dirty log from its own threads.
 pub struct Vm {
     fd: VmFd,
-    slots: Vec<Memslot>,
+    slots: std::sync::Mutex<Vec<Memslot>>,
 }
 
 impl Vm {
@@ -82,7 +83,7 @@ impl Vm {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         Ok(Vm {
             fd,
-            slots: Vec::new(),
+            slots: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -92,16 +93,17 @@ impl Vm {
     }
 
     /// Registers each region as a memslot (dirty logging off).
-    pub fn register_regions(&mut self, regions: &[RegionInfo]) -> Result<(), VmError> {
+    pub fn register_regions(&self, regions: &[RegionInfo]) -> Result<(), VmError> {
+        let mut slots = self.slots.lock().expect("memslots");
         for region in regions {
-            let slot = self.slots.len() as u32;
+            let slot = slots.len() as u32;
             let m = Memslot {
                 slot,
                 region: *region,
                 dirty_log: false,
             };
             self.apply(&m)?;
-            self.slots.push(m);
+            slots.push(m);
         }
         Ok(())
     }
@@ -129,21 +131,21 @@ impl Vm {
     }
 
     /// The registered memslots.
-    pub fn memslots(&self) -> &[Memslot] {
-        &self.slots
+    pub fn memslots(&self) -> Vec<Memslot> {
+        self.slots.lock().expect("memslots").clone()
     }
 
     /// Switches KVM's dirty logging for `slot` on or off.
-    pub fn set_dirty_logging(&mut self, slot: u32, on: bool) -> Result<(), VmError> {
-        let idx = self
-            .slots
+    pub fn set_dirty_logging(&self, slot: u32, on: bool) -> Result<(), VmError> {
+        let mut slots = self.slots.lock().expect("memslots");
+        let idx = slots
             .iter()
             .position(|m| m.slot == slot)
             .ok_or(VmError::NoSuchSlot(slot))?;
-        let mut m = self.slots[idx];
+        let mut m = slots[idx];
         m.dirty_log = on;
         self.apply(&m)?;
-        self.slots[idx] = m;
+        slots[idx] = m;
         Ok(())
     }
 
@@ -151,8 +153,8 @@ impl Vm {
     /// on), as page indices within the slot. Reading clears the log.
     pub fn take_dirty_pages(&self, slot: u32) -> Result<Vec<u64>, VmError> {
         let m = self
-            .slots
-            .iter()
+            .memslots()
+            .into_iter()
             .find(|m| m.slot == slot)
             .ok_or(VmError::NoSuchSlot(slot))?;
         let bitmap = self
