@@ -58,3 +58,84 @@ fn dedup_needs_a_subject() {
     assert_ne!(code, 0);
     assert!(err.contains("multiple of 4 KiB"), "{err}");
 }
+
+/// The KSM tests' cross-process lock: tests that let ksmd run must not overlap.
+fn ksm_sysfs_lock() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/memvirt-ksm-tests.lock")
+        .unwrap();
+    // SAFETY: flock on our own descriptor; blocks until the lock is free.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
+fn ksm_knobs() -> Vec<(String, String)> {
+    let counters = [
+        "pages_shared",
+        "pages_sharing",
+        "pages_unshared",
+        "pages_volatile",
+        "pages_skipped",
+        "pages_scanned",
+        "full_scans",
+        "stable_node_chains",
+        "stable_node_dups",
+        "ksm_zero_pages",
+        "general_profit",
+    ];
+    let mut v: Vec<(String, String)> = std::fs::read_dir("/sys/kernel/mm/ksm")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| !counters.contains(&n.as_str()))
+                .map(|n| {
+                    let v = std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{n}"))
+                        .unwrap_or_default();
+                    (n, v)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn demo_boots_merges_and_compares_with_ksmd_leaving_sysfs_as_it_was() {
+    if !have_kvm("demo_boots_merges_and_compares_with_ksmd") {
+        return;
+    }
+    let writable = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/sys/kernel/mm/ksm/run")
+        .is_ok();
+    let _lock = ksm_sysfs_lock();
+    let before = ksm_knobs();
+    let args: &[&str] = if writable {
+        &["demo", "--json"]
+    } else {
+        println!("/sys/kernel/mm/ksm is not writable: demo without ksmd");
+        &["demo", "--json", "--no-ksmd"]
+    };
+    let (code, out, err) = memvirt(args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ksm_knobs(), before, "ksm sysfs restored");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["run"]["guests"].as_array().unwrap().len(), 4);
+    let dedup = v["dedup"].as_array().unwrap();
+    assert_eq!(dedup.len(), if writable { 2 } else { 1 });
+    for r in dedup {
+        let ach = r["achievable_bytes"].as_f64().unwrap();
+        assert!(ach > 400.0 * 1048576.0, "4 guests share > 400 MiB: {ach}");
+        assert!(
+            r["saved_bytes_measured"].as_f64().unwrap() >= 0.95 * ach,
+            "{}",
+            r["system"]
+        );
+        assert_eq!(r["lost_writes"], 0);
+    }
+}

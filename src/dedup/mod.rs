@@ -179,6 +179,40 @@ fn host_line(guests: bool) -> String {
 
 /// Runs `memvirt dedup` with the given arguments.
 pub fn run(args: &DedupArgs) -> anyhow::Result<()> {
+    let results = measure(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print_table(args, &results);
+    }
+    if let Some(p) = &args.plot {
+        plot::plot(p, &results)?;
+        if !args.json {
+            println!("plot written to {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// Prints results side by side, with the host line next to the timings.
+pub fn print_table(args: &DedupArgs, results: &[SystemResult]) {
+    report::print_table(args, results, &host_line(args.guests.is_some()));
+}
+
+/// Parses `memvirt dedup` arguments from words (for `memvirt demo`).
+pub fn args_from(words: &[&str]) -> anyhow::Result<DedupArgs> {
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: DedupArgs,
+    }
+    use clap::Parser;
+    let all = std::iter::once("dedup").chain(words.iter().copied());
+    Ok(Wrapper::try_parse_from(all)?.args)
+}
+
+/// Runs the engine, and ksmd with `--compare`, and returns one result per system.
+pub fn measure(args: &DedupArgs) -> anyhow::Result<Vec<SystemResult>> {
     let guests = match (args.synthetic, args.guests) {
         (true, _) => None,
         (false, Some(n)) => Some(n as usize),
@@ -220,18 +254,7 @@ pub fn run(args: &DedupArgs) -> anyhow::Result<()> {
     if let Some((pages, sleep)) = args.compare {
         results.push(run::run_ksmd(args, &*make()?, pages, sleep)?);
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
-    } else {
-        report::print_table(args, &results, &host_line(guests.is_some()));
-    }
-    if let Some(p) = &args.plot {
-        plot::plot(p, &results)?;
-        if !args.json {
-            println!("plot written to {}", p.display());
-        }
-    }
-    Ok(())
+    Ok(results)
 }
 
 #[cfg(test)]
