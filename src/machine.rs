@@ -95,6 +95,22 @@ pub struct GuestConfig {
     pub error_code: u64,
 }
 
+impl GuestConfig {
+    /// One vCPU, anonymous memory, host THP policy, no pinning, running `mode`.
+    pub fn new(mem_size: u64, mode: Mode) -> Self {
+        GuestConfig {
+            mem_size,
+            vcpus: 1,
+            backing: Backing::Anon,
+            thp: None,
+            pin: None,
+            mode,
+            loop_count: 0,
+            error_code: 0,
+        }
+    }
+}
+
 /// Control registers and EFER bits used to enter long mode directly.
 pub mod bits {
     /// CR0.PE: protected mode.

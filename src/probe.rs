@@ -15,7 +15,6 @@ use crate::guest::profile::Profile;
 use crate::guest::program::{Mode, CALIBRATE_INSNS_PER_ITER};
 use crate::machine::GuestConfig;
 use crate::runner::Fleet;
-use crate::vstate::memory::Backing;
 use anyhow::{anyhow, Context};
 use kvm_ioctls::{Cap, Kvm};
 use serde::Serialize;
@@ -137,14 +136,8 @@ fn phase_interval(fleet: &Fleet, from: Phase, to: Phase) -> Option<Duration> {
 fn timed_loop(kvm: &Kvm, mode: Mode, count: u64) -> anyhow::Result<Duration> {
     let mem = 4 << 20;
     let cfg = GuestConfig {
-        mem_size: mem,
-        vcpus: 1,
-        backing: Backing::Anon,
-        thp: None,
-        pin: None,
-        mode,
         loop_count: count,
-        error_code: 0,
+        ..GuestConfig::new(mem, mode)
     };
     let profile = Profile::new(mem, 0, 0, 0, 0)?;
     let image = Image::pseudo_random(0, 0);

@@ -77,6 +77,29 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+impl RunArgs {
+    /// `guests` × `mem` with every other option at its command-line default.
+    pub fn new(guests: usize, mem: u64, json: bool) -> Self {
+        RunArgs {
+            guests,
+            mem,
+            vcpus: 1,
+            pin: None,
+            backing: Backing::Anon,
+            thp: None,
+            image: None,
+            image_size: None,
+            stamps: None,
+            unique: None,
+            zeroed: None,
+            hold: None,
+            timeout: 300.0,
+            inject: Vec::new(),
+            json,
+        }
+    }
+}
+
 /// A validated run plan.
 #[derive(Debug)]
 pub struct Plan {
@@ -428,23 +451,7 @@ struct DemoReport<'a> {
 /// Runs `memvirt demo`: 4 guests × 256 MiB with the built-in image, then the same
 /// guests deduplicated by memvirt's engine and, fresh, by the kernel's ksmd.
 pub fn demo(args: &DemoArgs, kvm_path: &Path) -> anyhow::Result<()> {
-    let run_args = RunArgs {
-        guests: 4,
-        mem: 256 * MIB,
-        vcpus: 1,
-        pin: None,
-        backing: Backing::Anon,
-        thp: None,
-        image: None,
-        image_size: None,
-        stamps: None,
-        unique: None,
-        zeroed: None,
-        hold: None,
-        timeout: 300.0,
-        inject: Vec::new(),
-        json: args.json,
-    };
+    let run_args = RunArgs::new(4, 256 * MIB, args.json);
     let r = execute(&run_args, kvm_path)?;
     check_guests(&r)?;
     let mut words = vec!["--guests", "4", "--mem", "256M", "--duration", "4"];

@@ -23,7 +23,7 @@ use crate::commands::run::{plan, RunArgs};
 use crate::devices::Phase;
 use crate::runner::Fleet;
 use crate::units::{format_bytes, PAGE_SIZE};
-use crate::vstate::memory::{resident_pages, Backing, RegionInfo};
+use crate::vstate::memory::{resident_pages, RegionInfo};
 use crate::vstate::vcpu::VcpuControl;
 use crate::vstate::vm::Vm;
 
@@ -126,23 +126,7 @@ pub struct Guests {
 impl Guests {
     /// Boots the guests `args` asks for and waits until each has applied its profile.
     pub fn boot(args: &DedupArgs, guests: usize) -> anyhow::Result<Self> {
-        let run_args = RunArgs {
-            guests,
-            mem: args.mem,
-            vcpus: 1,
-            pin: None,
-            backing: Backing::Anon,
-            thp: None,
-            image: None,
-            image_size: None,
-            stamps: None,
-            unique: None,
-            zeroed: None,
-            hold: None,
-            timeout: 300.0,
-            inject: Vec::new(),
-            json: args.json,
-        };
+        let run_args = RunArgs::new(guests, args.mem, args.json);
         let plan = plan(&run_args)?;
         let kvm = crate::vstate::vm::open_kvm(std::path::Path::new("/dev/kvm"))?;
         let mut fleet = Fleet::boot(&kvm, &plan.configs, &plan.image, &plan.profile)?;

@@ -3,7 +3,6 @@
 
 use memvirt::guest::program::Mode;
 use memvirt::machine::GuestConfig;
-use memvirt::vstate::memory::Backing;
 use std::path::Path;
 
 /// Opens /dev/kvm, or prints why the test is skipped and returns None.
@@ -24,16 +23,7 @@ pub fn have_kvm(test: &str) -> bool {
 
 /// A small guest config for tests.
 pub fn small_config(mem: u64, mode: Mode) -> GuestConfig {
-    GuestConfig {
-        mem_size: mem,
-        vcpus: 1,
-        backing: Backing::Anon,
-        thp: None,
-        pin: None,
-        mode,
-        loop_count: 0,
-        error_code: 0,
-    }
+    GuestConfig::new(mem, mode)
 }
 
 /// Runs the memvirt binary with `args`; returns (exit code, stdout, stderr).
