@@ -70,6 +70,7 @@
 //! The engine knows nothing of KVM: regions are (address, length, label, domain), and the
 //! dirty source and writer hold are the caller's.
 
+pub mod config;
 pub mod dirty;
 pub mod engine;
 pub mod hash;
@@ -82,8 +83,9 @@ pub mod store;
 pub mod synth;
 pub mod sys;
 
+pub use config::{Backend, Config, Error, Hooks, KsmdSettings, PassReport, Progress};
 pub use dirty::{DirtySource, UffdDirty};
-pub use engine::{Backend, Config, Engine, Error, Hooks, KsmdSettings, PassReport, Progress};
+pub use engine::Engine;
 pub use hash::{PageHasher, Xxh3};
 pub use hold::{NoWriters, WriterGate, WriterHold};
 pub use region::{DomainId, DomainPolicy, RegionId, RegionSpec, PAGE_SIZE};

@@ -92,7 +92,7 @@ impl Drop for FileRestore {
 }
 
 /// Reads a setting as it would be written back. Selector files such as
-/// `advisor_mode` ("[none] scan-time") are reduced to the selected word.
+/// `advisor_mode` (`"[none] scan-time"`) are reduced to the selected word.
 pub fn read_setting(path: &str) -> io::Result<String> {
     let s = std::fs::read_to_string(path)?;
     let s = s.trim();
