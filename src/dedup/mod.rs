@@ -70,7 +70,7 @@ pub struct DedupArgs {
     #[arg(long, default_value = "100000:0", value_parser = parse_knobs)]
     pub ksmd_knobs: (u64, u64),
     /// Also run the same workload, fresh, under the kernel's ksmd alone:
-    /// ksmd[:PAGES_TO_SCAN:SLEEP_MS] (default 100000:0).
+    /// ksmd or ksmd:PAGES_TO_SCAN:SLEEP_MS (default 100000:0).
     #[arg(long, value_parser = parse_compare)]
     pub compare: Option<(u64, u64)>,
     /// Engine worker threads (0: one per CPU).
