@@ -93,6 +93,8 @@ pub struct GuestConfig {
     pub loop_count: u64,
     /// Code for `Mode::Error`.
     pub error_code: u64,
+    /// Delay-loop iterations between `Mode::Writer` rounds.
+    pub delay: u64,
 }
 
 impl GuestConfig {
@@ -107,6 +109,7 @@ impl GuestConfig {
             mode,
             loop_count: 0,
             error_code: 0,
+            delay: 0,
         }
     }
 }
@@ -261,6 +264,7 @@ impl Guest {
         let mut params = profile.params(id, config.mode);
         params.loop_count = config.loop_count;
         params.error_code = config.error_code;
+        params.delay = config.delay;
         load("parameters", params.write_to(&mem))?;
 
         let vm = Vm::new(kvm).map_err(|source| MachineError::Vm { guest: id, source })?;

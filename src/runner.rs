@@ -168,6 +168,13 @@ impl Fleet {
         }
     }
 
+    /// Takes in the events that arrived since the last wait (phases, failures).
+    pub fn poll_events(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            self.absorb(ev);
+        }
+    }
+
     /// Phases of guest `id` with the time each arrived.
     pub fn phases(&self, id: usize) -> &[(Phase, Instant)] {
         &self.phases[id]

@@ -173,14 +173,11 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
     )
     .context("memory profile")?;
     let base = GuestConfig {
-        mem_size: args.mem,
         vcpus: args.vcpus,
         backing: args.backing,
         thp: args.thp,
         pin,
-        mode: Mode::Profile,
-        loop_count: 0,
-        error_code: 0,
+        ..GuestConfig::new(args.mem, Mode::Profile)
     };
     let mut configs = vec![base; args.guests];
     for spec in &args.inject {

@@ -6,11 +6,15 @@
 //! pages are counted, and the result is what a perfect merger could save. The same
 //! hashes, taken again after the run, show whether any page changed under the
 //! engine: the guests are idle after applying their profile, so any difference is a
-//! lost or corrupted write.
+//! lost or corrupted write. With `--guest-writes N` each guest instead keeps rewriting
+//! N of its image pages while the engine merges them, and checks its own previous
+//! write each time (see the `Writer` mode of the guest program).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress};
 
 use anyhow::{bail, Context};
 use ksm::synth::Writers;
@@ -21,6 +25,8 @@ use super::subject::Subject;
 use super::DedupArgs;
 use crate::commands::run::{plan, RunArgs};
 use crate::devices::Phase;
+use crate::guest::layout::{IMAGE_GPA, PARAMS_GPA};
+use crate::guest::program::{Mode, CALIBRATE_INSNS_PER_ITER, WRITER_OFFSET};
 use crate::runner::Fleet;
 use crate::units::{format_bytes, PAGE_SIZE};
 use crate::vstate::memory::{resident_pages, RegionInfo};
@@ -117,21 +123,48 @@ impl DirtySource for KvmDirty {
 
 /// N identical guests, booted and ready.
 pub struct Guests {
-    fleet: Fleet,
+    fleet: Mutex<Fleet>,
     regions: Vec<RegionInfo>,
     before: Vec<Census>,
     mem: u64,
+    /// Image pages each guest keeps rewriting (`--guest-writes`).
+    writer_pages: u64,
 }
 
 impl Guests {
     /// Boots the guests `args` asks for and waits until each has applied its profile.
     pub fn boot(args: &DedupArgs, guests: usize) -> anyhow::Result<Self> {
         let run_args = RunArgs::new(guests, args.mem, args.json);
-        let plan = plan(&run_args)?;
+        let mut plan = plan(&run_args)?;
+        let writer_pages = args.guest_writes;
+        if writer_pages > plan.profile.image_pages() {
+            bail!(
+                "--guest-writes {writer_pages}: expected at most the image's {} pages",
+                plan.profile.image_pages()
+            );
+        }
+        if writer_pages > 0 {
+            // Space the rounds so that pages stay unwritten for a while: they are
+            // merged, then written again (copy-on-write breaks), again and again.
+            let cal = crate::probe::calibrate_guest().context("measuring guest speed")?;
+            let delay = (args.guest_write_period_ms as f64 * 1e6
+                / (cal.ns_per_instruction * CALIBRATE_INSNS_PER_ITER as f64))
+                as u64;
+            for c in &mut plan.configs {
+                c.mode = Mode::Writer;
+                c.loop_count = writer_pages;
+                c.delay = delay;
+            }
+        }
         let kvm = crate::vstate::vm::open_kvm(std::path::Path::new("/dev/kvm"))?;
         let mut fleet = Fleet::boot(&kvm, &plan.configs, &plan.image, &plan.profile)?;
+        let settled = if writer_pages > 0 {
+            Phase::Ready
+        } else {
+            Phase::Done
+        };
         fleet.wait_for(
-            Phase::Done,
+            settled,
             Duration::from_secs(300),
             &std::sync::atomic::AtomicBool::new(false),
             |_| {},
@@ -141,20 +174,64 @@ impl Guests {
                 bail!("guest {i} did not get ready: {f}");
             }
         }
-        // Done is written just before the final HLT: wait until every vCPU is still.
-        for g in &fleet.guests {
-            for v in g.vcpu_controls() {
-                v.pause();
-            }
+        // Hold every vCPU still for the census (idle guests are halting anyway).
+        let controls: Vec<VcpuControl> = fleet
+            .guests
+            .iter()
+            .flat_map(|g| g.vcpu_controls())
+            .collect();
+        for v in &controls {
+            v.pause();
         }
         let regions: Vec<RegionInfo> = fleet.guests.iter().map(|g| g.regions()[0]).collect();
         let before = regions.iter().map(census).collect::<anyhow::Result<_>>()?;
+        controls.iter().for_each(|v| v.resume());
         Ok(Guests {
-            fleet,
+            fleet: Mutex::new(fleet),
             regions,
             before,
             mem: args.mem,
+            writer_pages,
         })
+    }
+
+    fn fleet(&self) -> std::sync::MutexGuard<'_, Fleet> {
+        self.fleet.lock().expect("fleet")
+    }
+
+    /// Rounds each writer guest has completed (its result-block counter).
+    fn rounds(&self) -> Vec<u64> {
+        self.fleet()
+            .guests
+            .iter()
+            .map(|g| g.results().counter)
+            .collect()
+    }
+
+    /// Writer pages whose value is neither the guest's last round nor the one in
+    /// progress, plus one for every guest that itself noticed a lost write. The guests
+    /// are held still for the check (and stay so).
+    fn lost_guest_writes(&self) -> u64 {
+        let mut fleet = self.fleet();
+        for g in &fleet.guests {
+            g.pause();
+        }
+        fleet.poll_events();
+        let mut lost = 0;
+        for (i, g) in fleet.guests.iter().enumerate() {
+            if fleet.failure(i).is_some() {
+                lost += 1;
+            }
+            let r = g.results().counter;
+            for p in 0..self.writer_pages {
+                let at = IMAGE_GPA + p * PAGE_SIZE + WRITER_OFFSET;
+                let v: u64 = g.memory().read_obj(GuestAddress(at)).unwrap_or(u64::MAX);
+                if r > 0 && v != r && v != r + 1 {
+                    lost += 1;
+                }
+            }
+        }
+        lost
     }
 }
 
@@ -185,12 +262,22 @@ impl Subject for Guests {
         achievable(&self.before, policy)
     }
     fn lost_writes(&self) -> u64 {
-        // Pages whose content differs from the census at ready time. Pages that were
-        // resident then and read as zero now were reclaimed zero pages: compare content.
+        let lost = self.lost_guest_writes();
+        // Every other page must hold what the census saw at ready time (a page that was
+        // not resident then reads as zero). Only the writer pages and the result block
+        // change while the guests run.
         let zero = xxh3_128(&[0u8; PAGE_SIZE as usize]);
+        let first_written = IMAGE_GPA / PAGE_SIZE;
+        let written = first_written..first_written + self.writer_pages;
+        let results_page = PARAMS_GPA / PAGE_SIZE;
         let mut changed = 0;
         for (r, before) in self.regions.iter().zip(&self.before) {
             for (i, b) in before.iter().enumerate() {
+                let page_no = i as u64;
+                if written.contains(&page_no) || (self.writer_pages > 0 && page_no == results_page)
+                {
+                    continue;
+                }
                 // SAFETY: inside the guest's live mapping; the guests are idle.
                 let page = unsafe {
                     std::slice::from_raw_parts(
@@ -203,12 +290,12 @@ impl Subject for Guests {
                 }
             }
         }
-        changed
+        lost + changed
     }
     fn hold(&self) -> Arc<dyn WriterHold> {
         Arc::new(GuestHold {
             vcpus: self
-                .fleet
+                .fleet()
                 .guests
                 .iter()
                 .map(|g| g.vcpu_controls())
@@ -217,11 +304,14 @@ impl Subject for Guests {
     }
     fn dirty(&self, _args: &DedupArgs) -> Option<Box<dyn DirtySource>> {
         Some(Box::new(KvmDirty {
-            vms: self.fleet.guests.iter().map(|g| g.vm_handle()).collect(),
+            vms: self.fleet().guests.iter().map(|g| g.vm_handle()).collect(),
         }))
     }
     fn start_writers(&self, _args: &DedupArgs) -> Option<Writers> {
         None
+    }
+    fn own_writes(&self) -> u64 {
+        self.rounds().iter().map(|r| r * self.writer_pages).sum()
     }
 }
 

@@ -20,6 +20,15 @@ pub struct DedupArgs {
     /// Run on the RAM of this many live built-in guests (default profile).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub guests: Option<u32>,
+    /// With --guests: each guest keeps rewriting this many of its image pages (pages
+    /// that are merged across guests), checking each time that its previous write is
+    /// still there, while the engine merges (0: guests stay idle once ready).
+    #[arg(long, default_value_t = 0)]
+    pub guest_writes: u64,
+    /// With --guest-writes: milliseconds between a guest's rounds of writes (a delay
+    /// loop sized from the measured guest speed; 0: write back to back).
+    #[arg(long, default_value_t = 1000)]
+    pub guest_write_period_ms: u64,
     /// Guest RAM per guest with --guests (K/M/G suffixes).
     #[arg(long, default_value = "256M", value_parser = crate::units::parse_size)]
     pub mem: u64,
@@ -225,6 +234,9 @@ pub fn measure(args: &DedupArgs) -> anyhow::Result<Vec<SystemResult>> {
             "--size {}: expected a non-zero multiple of 4 KiB",
             crate::units::format_bytes(args.size)
         );
+    }
+    if guests.is_none() && args.guest_writes > 0 {
+        anyhow::bail!("--guest-writes applies to --guests only");
     }
     if guests.is_some() && args.writers > 0.0 {
         anyhow::bail!(

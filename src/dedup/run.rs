@@ -362,7 +362,7 @@ pub fn run_engine(args: &DedupArgs, w: &dyn Subject) -> anyhow::Result<SystemRes
         }
         Ok(())
     })();
-    let writes = writers.map(|w| w.stop()).unwrap_or(0);
+    let writes = writers.map(|w| w.stop()).unwrap_or_else(|| w.own_writes());
     let timeline = sampler.finish();
     res?;
     let after = sys::smaps_rollup()?;
@@ -440,7 +440,7 @@ pub fn run_ksmd(
             ));
         }
     }
-    let writes = writers.map(|w| w.stop()).unwrap_or(0);
+    let writes = writers.map(|w| w.stop()).unwrap_or_else(|| w.own_writes());
     let timeline = sampler.finish();
     let after = sys::smaps_rollup()?;
     let claimed = claimed_fn();

@@ -28,6 +28,10 @@ pub trait Subject {
     fn dirty(&self, args: &DedupArgs) -> Option<Box<dyn DirtySource>>;
     /// Starts background writers, if the subject has any and `args` asks for them.
     fn start_writers(&self, args: &DedupArgs) -> Option<Writers>;
+    /// Writes the subject made by itself (guests writing their own memory).
+    fn own_writes(&self) -> u64 {
+        0
+    }
 }
 
 /// Synthetic regions with an exactly known mix of identical, zero and unique pages.

@@ -177,6 +177,7 @@ impl Profile {
             zeroed_pages: self.zeroed_pages,
             loop_count: 0,
             error_code: 0,
+            delay: 0,
         }
     }
 }

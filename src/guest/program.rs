@@ -15,6 +15,13 @@
 //! * `ExitLoop`: a counted loop of port writes (the cost of a VM exit round trip).
 //! * `Fault`: read the unmapped null page with no IDT: a triple fault.
 //! * `Error`: report `Error` with the code from the parameter block.
+//! * `Writer`: as `Profile`, then forever: round r = 1, 2, … writes r at byte 8 of
+//!   each of the first `loop_count` image pages (through the high-half mapping), after
+//!   checking the page still holds r − 1 from the previous round (rounds are spaced by
+//!   a delay loop of `delay` iterations); a mismatch is a lost
+//!   write, reported as `Error` with [`ERROR_LOST_WRITE`]. Each completed round is
+//!   published in the result block's counter. Pages of different guests in the same
+//!   round are identical, so a merger keeps merging what the guests keep breaking.
 
 use super::layout::*;
 use iced_x86::code_asm::*;
@@ -45,7 +52,16 @@ pub enum Mode {
     Fault = 4,
     /// Report an error code on the control port.
     Error = 5,
+    /// Apply the memory profile, then rewrite the first `loop_count` image pages round
+    /// after round, checking each still holds the previous round's value.
+    Writer = 6,
 }
+
+/// Error code the `Writer` guest reports when a page lost one of its writes.
+pub const ERROR_LOST_WRITE: u32 = 0x105e;
+
+/// Offset within a page where the `Writer` guest keeps its round number.
+pub const WRITER_OFFSET: u64 = 8;
 
 /// Offset of the program's entry point from [`CODE_GPA`]; offset 0 is a HLT loop
 /// where secondary vCPUs park.
@@ -67,6 +83,7 @@ const P_ZEROED_BASE: i32 = 64;
 const P_ZEROED_PAGES: i32 = 72;
 const P_LOOP_COUNT: i32 = 80;
 const P_ERROR_CODE: i32 = 88;
+const P_DELAY: i32 = 96;
 const R_PAGES_TOUCHED: i32 = RESULTS_OFFSET as i32;
 const R_COUNTER: i32 = RESULTS_OFFSET as i32 + 8;
 
@@ -97,6 +114,8 @@ pub struct Params {
     pub loop_count: u64,
     /// Code reported in `Error` mode.
     pub error_code: u64,
+    /// `Writer` mode: iterations of a two-instruction delay loop between rounds.
+    pub delay: u64,
 }
 
 impl Params {
@@ -115,6 +134,7 @@ impl Params {
             (P_ZEROED_PAGES, self.zeroed_pages),
             (P_LOOP_COUNT, self.loop_count),
             (P_ERROR_CODE, self.error_code),
+            (P_DELAY, self.delay),
         ];
         for (off, val) in fields {
             mem.write_obj(val, GuestAddress(PARAMS_GPA + off as u64))?;
@@ -161,6 +181,7 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     let mut done = a.create_label();
     let mut halt = a.create_label();
     let mut counter = a.create_label();
+    let mut writer = a.create_label();
     let mut print = a.create_label();
     let mut msg_started = a.create_label();
     let mut msg_ready = a.create_label();
@@ -241,6 +262,8 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     a.out(dx, eax)?;
     a.cmp(qword_ptr(r14 + P_MODE), Mode::Counter as i32)?;
     a.je(counter)?;
+    a.cmp(qword_ptr(r14 + P_MODE), Mode::Writer as i32)?;
+    a.je(writer)?;
 
     a.set_label(&mut done)?;
     a.mov(eax, PHASE_DONE)?;
@@ -253,6 +276,43 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     a.set_label(&mut counter)?;
     a.inc(qword_ptr(r14 + R_COUNTER))?;
     a.jmp(counter)?;
+
+    // Writer: r13 = round; rsi walks the pages; rcx counts them.
+    a.set_label(&mut writer)?;
+    a.xor(r13, r13)?;
+    let mut round = a.create_label();
+    let mut page = a.create_label();
+    let mut write = a.create_label();
+    let mut lost = a.create_label();
+    a.set_label(&mut round)?;
+    a.inc(r13)?;
+    a.mov(rsi, qword_ptr(r14 + P_IMAGE_BASE))?;
+    a.mov(rcx, qword_ptr(r14 + P_LOOP_COUNT))?;
+    a.set_label(&mut page)?;
+    a.cmp(r13, 1)?;
+    a.je(write)?;
+    a.lea(rdx, qword_ptr(r13 - 1))?;
+    a.cmp(qword_ptr(rsi + WRITER_OFFSET as i32), rdx)?;
+    a.jne(lost)?;
+    a.set_label(&mut write)?;
+    a.mov(qword_ptr(rsi + WRITER_OFFSET as i32), r13)?;
+    a.add(rsi, 4096)?;
+    a.dec(rcx)?;
+    a.jnz(page)?;
+    a.mov(qword_ptr(r14 + R_COUNTER), r13)?;
+    a.mov(rcx, qword_ptr(r14 + P_DELAY))?;
+    a.test(rcx, rcx)?;
+    a.jz(round)?;
+    let mut delay = a.create_label();
+    a.set_label(&mut delay)?;
+    a.dec(rcx)?;
+    a.jnz(delay)?;
+    a.jmp(round)?;
+    a.set_label(&mut lost)?;
+    a.mov(eax, (ERROR_LOST_WRITE << 8) | PHASE_ERROR)?;
+    a.mov(dx, CONTROL_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.jmp(halt)?;
 
     a.set_label(&mut calibrate)?;
     a.mov(rcx, qword_ptr(r14 + P_LOOP_COUNT))?;
