@@ -5,24 +5,24 @@ mod common;
 
 use common::{have_kvm, memvirt};
 
+/// Runs `memvirt dedup ARGS --json`, expects success, returns the engine's result.
+fn engine_result(args: &[&str]) -> serde_json::Value {
+    let all: Vec<&str> = std::iter::once("dedup")
+        .chain(args.iter().copied())
+        .chain(["--json"])
+        .collect();
+    let (code, out, err) = memvirt(&all);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0].clone()
+}
+
 #[test]
 fn live_guests_are_deduplicated_safely_and_the_kernel_agrees() {
     if !have_kvm("live_guests_are_deduplicated") {
         return;
     }
-    let (code, out, err) = memvirt(&[
-        "dedup",
-        "--guests",
-        "2",
-        "--mem",
-        "128M",
-        "--duration",
-        "1",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let r = &v.as_array().unwrap()[0];
+    let r = &engine_result(&["--guests", "2", "--mem", "128M", "--duration", "1"]);
     let page = 4096u64;
     // By construction: a 32 MiB image (8192 pages) with 82 stamped pages per guest is
     // shared but for the stamps, and 8192 zeroed pages per guest are all zero; the few
@@ -148,8 +148,7 @@ fn guests_writing_merged_pages_lose_no_write() {
     // Each guest rewrites 32 image pages every ~300 ms and checks its previous write
     // each time; the engine merges those pages between rounds, so writes land on merged
     // pages (copy-on-write breaks) over and over.
-    let (code, out, err) = memvirt(&[
-        "dedup",
+    let r = &engine_result(&[
         "--guests",
         "2",
         "--mem",
@@ -162,11 +161,7 @@ fn guests_writing_merged_pages_lose_no_write() {
         "100",
         "--duration",
         "3",
-        "--json",
     ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let r = &v.as_array().unwrap()[0];
     let writes = r["writes"].as_u64().unwrap();
     let cow = r["engine"]["cow_breaks"].as_u64().unwrap();
     assert!(writes >= 2 * 32 * 3, "guests wrote {writes} pages");
