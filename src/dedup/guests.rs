@@ -36,32 +36,41 @@ use crate::vstate::vm::Vm;
 /// Hash of each page of one guest; `None` for pages not resident in host memory.
 type Census = Vec<Option<u128>>;
 
+/// xxh3-128 of page `i` of a guest region.
+///
+/// The caller must hold the guest's vCPUs still (or know the guest idle), so nothing
+/// writes the page while it is read.
+fn page_hash(region: &RegionInfo, i: usize) -> u128 {
+    // SAFETY: page `i` lies inside the guest's live mapping (callers iterate the
+    // region's own pages), and no vCPU writes it during the read (see above).
+    let page = unsafe {
+        std::slice::from_raw_parts(
+            (region.host_addr + i as u64 * PAGE_SIZE) as *const u8,
+            PAGE_SIZE as usize,
+        )
+    };
+    xxh3_128(page)
+}
+
+/// xxh3-128 of an all-zero page (what a page that is not resident reads as).
+fn zero_page_hash() -> u128 {
+    xxh3_128(&[0u8; PAGE_SIZE as usize])
+}
+
 fn census(region: &RegionInfo) -> anyhow::Result<Census> {
     let resident = resident_pages(region).context("mincore on guest memory")?;
     use rayon::prelude::*;
     Ok(resident
         .par_iter()
         .enumerate()
-        .map(|(i, r)| {
-            r.then(|| {
-                // SAFETY: the page lies inside the guest's live mapping; guests are idle
-                // (halted) while the census is taken, so nothing writes it concurrently.
-                let page = unsafe {
-                    std::slice::from_raw_parts(
-                        (region.host_addr + i as u64 * PAGE_SIZE) as *const u8,
-                        PAGE_SIZE as usize,
-                    )
-                };
-                xxh3_128(page)
-            })
-        })
+        .map(|(i, r)| r.then(|| page_hash(region, i)))
         .collect())
 }
 
 /// Pages saved by a perfect merger over these censuses: every resident zero page, and
 /// all but one page of each group of identical pages (within a guest for `Region`).
 fn achievable(censuses: &[Census], policy: DomainPolicy) -> u64 {
-    let zero = xxh3_128(&[0u8; PAGE_SIZE as usize]);
+    let zero = zero_page_hash();
     let mut saved = 0u64;
     let mut groups: HashMap<(usize, u128), u64> = HashMap::new();
     for (g, c) in censuses.iter().enumerate() {
@@ -266,7 +275,7 @@ impl Subject for Guests {
         // Every other page must hold what the census saw at ready time (a page that was
         // not resident then reads as zero). Only the writer pages and the result block
         // change while the guests run.
-        let zero = xxh3_128(&[0u8; PAGE_SIZE as usize]);
+        let zero = zero_page_hash();
         let first_written = IMAGE_GPA / PAGE_SIZE;
         let written = first_written..first_written + self.writer_pages;
         let results_page = PARAMS_GPA / PAGE_SIZE;
@@ -278,14 +287,7 @@ impl Subject for Guests {
                 {
                     continue;
                 }
-                // SAFETY: inside the guest's live mapping; the guests are idle.
-                let page = unsafe {
-                    std::slice::from_raw_parts(
-                        (r.host_addr + i as u64 * PAGE_SIZE) as *const u8,
-                        PAGE_SIZE as usize,
-                    )
-                };
-                if b.unwrap_or(zero) != xxh3_128(page) {
+                if b.unwrap_or(zero) != page_hash(r, i) {
                     changed += 1;
                 }
             }
@@ -321,7 +323,7 @@ mod tests {
 
     #[test]
     fn achievable_counts_zero_pages_and_duplicate_groups() {
-        let z = Some(xxh3_128(&[0u8; 4096]));
+        let z = Some(zero_page_hash());
         let a = Some(1u128);
         let b = Some(2u128);
         let g0 = vec![z, a, a, b, None];
