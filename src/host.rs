@@ -56,16 +56,15 @@ pub struct ProcessMemory {
 }
 
 impl ProcessMemory {
-    /// Reads /proc/self/smaps_rollup.
+    /// Reads /proc/self/smaps_rollup (through the `ksm` crate's reader, which the
+    /// engine's own accounting uses too).
     pub fn read() -> std::io::Result<Self> {
-        let text = std::fs::read_to_string("/proc/self/smaps_rollup")?;
-        let m = parse_kb_lines(&text);
-        let g = |k: &str| m.get(k).copied().unwrap_or(0);
+        let r = ksm::sys::smaps_rollup()?;
         Ok(ProcessMemory {
-            rss: g("Rss"),
-            pss: g("Pss"),
-            anonymous: g("Anonymous"),
-            shmem: g("Pss_Shmem"),
+            rss: r.rss,
+            pss: r.pss,
+            anonymous: r.anonymous,
+            shmem: r.pss_shmem,
         })
     }
 }
@@ -85,12 +84,7 @@ pub fn max_map_count() -> Option<u64> {
 
 /// Number of mappings (VMAs) this process has now.
 pub fn map_count() -> Option<u64> {
-    Some(
-        std::fs::read_to_string("/proc/self/maps")
-            .ok()?
-            .lines()
-            .count() as u64,
-    )
+    ksm::sys::map_count().ok().map(|n| n as u64)
 }
 
 /// Every readable knob and counter in /sys/kernel/mm/ksm.
