@@ -163,9 +163,7 @@ impl Fleet {
                 self.absorb(ev);
             }
         }
-        while let Ok(ev) = self.events.try_recv() {
-            self.absorb(ev);
-        }
+        self.poll_events();
     }
 
     /// Takes in the events that arrived since the last wait (phases, failures).

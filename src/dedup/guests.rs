@@ -145,6 +145,7 @@ impl Guests {
     pub fn boot(args: &DedupArgs, guests: usize) -> anyhow::Result<Self> {
         let run_args = RunArgs::new(guests, args.mem, args.json);
         let mut plan = plan(&run_args)?;
+        let kvm = crate::vstate::vm::open_kvm(std::path::Path::new("/dev/kvm"))?;
         let writer_pages = args.guest_writes;
         if writer_pages > plan.profile.image_pages() {
             bail!(
@@ -155,7 +156,7 @@ impl Guests {
         if writer_pages > 0 {
             // Space the rounds so that pages stay unwritten for a while: they are
             // merged, then written again (copy-on-write breaks), again and again.
-            let cal = crate::probe::calibrate_guest().context("measuring guest speed")?;
+            let cal = crate::probe::calibrate_with(&kvm).context("measuring guest speed")?;
             let delay = (args.guest_write_period_ms as f64 * 1e6
                 / (cal.ns_per_instruction * CALIBRATE_INSNS_PER_ITER as f64))
                 as u64;
@@ -165,7 +166,6 @@ impl Guests {
                 c.delay = delay;
             }
         }
-        let kvm = crate::vstate::vm::open_kvm(std::path::Path::new("/dev/kvm"))?;
         let mut fleet = Fleet::boot(&kvm, &plan.configs, &plan.image, &plan.profile)?;
         let settled = if writer_pages > 0 {
             Phase::Ready
